@@ -1,0 +1,77 @@
+"""Domain errors. No HTTP here: api/errors.py maps each class to a status in one table."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class TunnelvisionError(Exception):
+    """An error whose message is safe to show to the client."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(TunnelvisionError):
+    code = "invalid_input"
+
+
+class InvalidImage(InvalidInput):
+    code = "invalid_image"
+
+
+class UnsupportedMediaType(TunnelvisionError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(TunnelvisionError):
+    code = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    code = "image_too_large"
+
+
+class NotFound(TunnelvisionError):
+    code = "not_found"
+
+
+class DeadlineExceeded(TunnelvisionError):
+    code = "deadline_exceeded"
+
+
+class ModelUnavailable(TunnelvisionError):
+    """A model could not be loaded; raised at start-up, never per request."""
+
+    code = "model_unavailable"
+
+
+class Retryable(TunnelvisionError):
+    """The server cannot take the request now; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Retryable):
+    code = "queue_full"
+
+
+class ShuttingDown(Retryable):
+    code = "shutting_down"
+
+
+class NotReady(Retryable):
+    code = "not_ready"
+
+
+class WorkerUnavailable(Retryable):
+    code = "worker_unavailable"
+
+
+class DeviceOutOfMemory(Retryable):
+    code = "device_out_of_memory"

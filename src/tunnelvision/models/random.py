@@ -1,0 +1,120 @@
+"""Random-weight checkpoints in the real formats, written with `save_pretrained`.
+
+Tiny ones make tests and `serve --demo` fast; full-size ones have the default architectures'
+shapes, so they cost what real weights cost (compute does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Literal
+
+Size = Literal["tiny", "full"]
+
+# GroundingDINO hard-codes BERT's ids for these tokens when it splits phrases (models.md).
+_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
+_WORDS = (
+    "a an the of and on in with cat cats dog dogs person people car truck forklift box pallet "
+    "bird horse chair table bottle cup phone laptop tree building road sign bike bicycle"
+).split()
+_TINY_TEXT_VOCAB = 1200
+_FULL_TEXT_VOCAB = 30522
+
+
+def build_vocab(vocab_size: int) -> dict[str, int]:
+    """BERT-compatible vocabulary: the special ids where BERT has them, whole words, and
+    letters plus '##letters' so any lowercase word tokenizes to word pieces, never [UNK]."""
+    vocab = dict(_SPECIAL_IDS)
+    pieces = _WORDS + list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
+    pieces += list(string.digits) + [",", "-", "'", "!"]
+    next_id = 1040
+    for piece in pieces:
+        if piece not in vocab:
+            vocab[piece] = next_id
+            next_id += 1
+    filler = 0
+    while len(vocab) < vocab_size:  # fill the gaps so a full-size vocab has BERT's size
+        candidate = f"[unused{filler}]"
+        filler += 1
+        taken = set(vocab.values())
+        free = next(i for i in range(vocab_size) if i not in taken)
+        vocab[candidate] = free
+    return vocab
+
+
+def write_random_models(out: Path, size: Size = "tiny", seed: int = 0) -> tuple[Path, Path]:
+    """Write `out/detector` and `out/segmenter`; return both paths."""
+    import torch
+
+    torch.manual_seed(seed)
+    detector_dir, segmenter_dir = out / "detector", out / "segmenter"
+    write_random_detector(detector_dir, size)
+    write_random_segmenter(segmenter_dir, size)
+    return detector_dir, segmenter_dir
+
+
+def write_random_detector(path: Path, size: Size) -> None:
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    vocab_size = _TINY_TEXT_VOCAB if size == "tiny" else _FULL_TEXT_VOCAB
+    if size == "tiny":
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(
+                embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                out_features=["stage2", "stage3", "stage4"],
+            ),
+            text_config=BertConfig(
+                vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=32, max_position_embeddings=256,
+            ),
+            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=30,
+        )
+        image_size = {"shortest_edge": 160, "longest_edge": 256}
+    else:
+        config = GroundingDinoConfig()  # GroundingDINO-T: Swin-T + BERT-base, 900 queries
+        image_size = {"shortest_edge": 800, "longest_edge": 1333}
+    model = GroundingDinoForObjectDetection(config).eval()
+    model.save_pretrained(path)
+    tokenizer = BertTokenizerFast(vocab=build_vocab(vocab_size), do_lower_case=True)
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size=image_size), tokenizer=tokenizer
+    )
+    processor.save_pretrained(path)
+
+
+def write_random_segmenter(path: Path, size: Size) -> None:
+    from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
+
+    if size == "tiny":
+        image_size = 256
+        config = SamConfig(
+            vision_config={
+                "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "window_size": 4, "global_attn_indexes": [1], "image_size": image_size,
+                "mlp_dim": 64, "output_channels": 16, "num_pos_feats": 8,
+            },
+            prompt_encoder_config={
+                "hidden_size": 16, "image_size": image_size, "mask_input_channels": 4,
+                "image_embedding_size": image_size // 16,
+            },
+            mask_decoder_config={"hidden_size": 16, "mlp_dim": 32, "num_attention_heads": 2,
+                                 "iou_head_hidden_dim": 16},
+        )
+    else:
+        image_size = 1024
+        config = SamConfig()  # SAM ViT-B
+    SamModel(config).eval().save_pretrained(path)
+    image_processor = SamImageProcessorPil(
+        size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
+    )
+    SamProcessor(image_processor=image_processor).save_pretrained(path)

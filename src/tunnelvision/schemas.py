@@ -1,0 +1,175 @@
+"""Wire models shared by the API, the engine's results and (later) the client."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MaskFormat = Literal["rle", "polygon", "png", "none"]
+MAX_PHRASES = 32
+MAX_PROMPTS = 256  # boxes or points in one request
+
+Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x1, y1, x2, y2] pixels")]
+Point = Annotated[
+    list[float], Field(min_length=3, max_length=3, description="[x, y, label]: 1 object, 0 background")
+]
+
+
+def normalize_prompt(prompt: str | list[str] | None) -> list[str]:
+    """'A Cat . dog.' or ['A cat', 'dog'] -> ['a cat', 'dog'] (GroundingDINO wants lowercase)."""
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        phrases = prompt.split(".")
+    else:
+        if any("." in label for label in prompt):
+            raise ValueError("a label in a list must not contain '.'")
+        phrases = prompt
+    cleaned = [" ".join(p.lower().split()) for p in phrases]
+    unique = list(dict.fromkeys(p for p in cleaned if p))
+    if len(unique) > MAX_PHRASES:
+        raise ValueError(f"at most {MAX_PHRASES} phrases in a prompt")
+    return unique
+
+
+class DetectParams(BaseModel):
+    """Options of /v1/detect, the same in JSON bodies and multipart fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[str] | None = Field(
+        None, description="phrases separated by '.' or a list of labels", examples=["forklift . person"]
+    )
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="minimum box score")
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0, description="minimum score of the label phrase")
+    nms_iou: float = Field(0.5, ge=0.0, le=1.0, description="class-aware NMS IoU; 1 disables NMS")
+    max_detections: int = Field(100, ge=1, le=900, description="keep the best N boxes")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_phrases(cls, value: str | list[str] | None) -> str | list[str] | None:
+        normalize_prompt(value)  # raises ValueError with the reason
+        return value
+
+    @property
+    def phrases(self) -> list[str]:
+        return normalize_prompt(self.prompt)
+
+
+class DetectRequestParams(DetectParams):
+    @model_validator(mode="after")
+    def _needs_prompt(self) -> DetectRequestParams:
+        if not self.phrases:
+            raise ValueError("prompt is empty: give one or more phrases, e.g. 'forklift . person'")
+        return self
+
+
+class SegmentParams(DetectParams):
+    """Options of /v1/segment: a text prompt, or boxes, or points (exactly one of them)."""
+
+    boxes: list[Box] | None = Field(None, max_length=MAX_PROMPTS, examples=[[[10, 20, 200, 240]]])
+    points: list[Point] | None = Field(None, max_length=MAX_PROMPTS, examples=[[[120, 80, 1]]])
+    multimask: bool = Field(False, description="predict 3 masks per prompt, keep the best by IoU")
+    mask_format: MaskFormat = Field("rle", description="rle (COCO), polygon, png (base64) or none")
+
+    @field_validator("boxes")
+    @classmethod
+    def _boxes_not_degenerate(cls, boxes: list[list[float]] | None) -> list[list[float]] | None:
+        for i, (x1, y1, x2, y2) in enumerate(boxes or []):
+            if not (x2 > x1 and y2 > y1):
+                raise ValueError(f"box {i} is degenerate: need x2 > x1 and y2 > y1")
+            if min(x1, y1) < 0:
+                raise ValueError(f"box {i} has a negative coordinate")
+        return boxes
+
+    @field_validator("points")
+    @classmethod
+    def _point_labels_binary(cls, points: list[list[float]] | None) -> list[list[float]] | None:
+        for i, (x, y, label) in enumerate(points or []):
+            if label not in (0, 1):
+                raise ValueError(f"point {i} has label {label}: use 1 (object) or 0 (background)")
+            if min(x, y) < 0:
+                raise ValueError(f"point {i} has a negative coordinate")
+        return points
+
+    @model_validator(mode="after")
+    def _exactly_one_prompt_kind(self) -> SegmentParams:
+        given = [bool(self.phrases), bool(self.boxes), bool(self.points)]
+        if sum(given) == 0:
+            raise ValueError("nothing to segment: give a prompt, boxes or points")
+        if sum(given) > 1:
+            raise ValueError("give only one of prompt, boxes or points")
+        return self
+
+
+class ImageField(BaseModel):
+    image: str = Field(
+        ..., description="the image file (JPEG, PNG, WebP, ...) as base64; a data: URL is accepted"
+    )
+
+
+class DetectJSONRequest(DetectRequestParams, ImageField):
+    """application/json body of /v1/detect."""
+
+
+class SegmentJSONRequest(SegmentParams, ImageField):
+    """application/json body of /v1/segment."""
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(..., description="[height, width]")
+    counts: str = Field(..., description="COCO compressed RLE (pycocotools)")
+
+
+class Detection(BaseModel):
+    label: str | None = Field(..., description="the prompt phrase; null for box/point prompts")
+    score: float | None = Field(..., description="detector score; null for box/point prompts")
+    box: list[float] = Field(..., description="[x1, y1, x2, y2] pixels in the original image")
+
+
+class Segmentation(Detection):
+    mask: RLE | list[list[float]] | str | None = Field(
+        None, description="per mask_format: RLE object, polygons [[x, y, x, y, ...]], base64 PNG"
+    )
+    mask_score: float = Field(..., description="SAM's predicted IoU of the mask")
+
+
+class DetectResponse(BaseModel):
+    image: ImageInfo
+    detections: list[Detection]
+    timings_ms: dict[str, float]
+
+
+class SegmentResponse(BaseModel):
+    image: ImageInfo
+    mask_format: MaskFormat
+    detections: list[Segmentation]
+    timings_ms: dict[str, float]
+
+
+class ModelInfo(BaseModel):
+    id: str
+    device: str
+    dtype: str
+
+
+class ModelsResponse(BaseModel):
+    detector: ModelInfo
+    segmenter: ModelInfo
+    demo: bool
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
