@@ -214,6 +214,8 @@ class Scheduler(Generic[R]):
         try:
             while (task := self._next_task()) is not None:
                 self._execute(task, replica)
+        except BaseException:  # the thread ends either way; say why, then fail the waiters
+            log.critical("%s worker died", self._name, exc_info=True)
         finally:
             self._on_worker_exit()
 

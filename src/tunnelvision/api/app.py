@@ -1,0 +1,59 @@
+"""create_app(settings): the FastAPI application, models loaded in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tunnelvision import __version__
+from tunnelvision.api.errors import install_error_handlers
+from tunnelvision.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from tunnelvision.api.routes import health, predict
+from tunnelvision.api.state import AppState, BackendFactory
+from tunnelvision.config import Settings
+
+DESCRIPTION = """Zero-shot detection (GroundingDINO) and segmentation (SAM).
+
+Send an image as multipart/form-data (`image` file) or JSON (`image` base64) with a text
+`prompt` such as `"forklift . person"`, or with `boxes` / `points` for /v1/segment.
+Errors are `{"error": {"code", "message", "request_id"}}`; 503s carry `Retry-After`.
+"""
+
+
+def create_app(settings: Settings, backend_factory: BackendFactory | None = None) -> FastAPI:
+    if backend_factory is None:
+        from tunnelvision.models.factory import build_backends
+
+        backend_factory = build_backends
+    state = AppState(settings, backend_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers at once, /readyz says what is happening.
+        loading = asyncio.create_task(state.load())
+        try:
+            yield
+        finally:
+            state.begin_shutdown()
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await state.close()
+
+    app = FastAPI(title="tunnelvision", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.tunnelvision = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, even a 413, has an id
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """For `uvicorn --factory tunnelvision.api.app:app_from_env` (settings from TUNNELVISION_*)."""
+    return create_app(Settings())

@@ -1,0 +1,107 @@
+"""The one table: domain error -> HTTP status, JSON body `{"error": {...}}` and headers."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunnelvision.errors import (
+    DeadlineExceeded,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidInput,
+    ModelUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    Retryable,
+    TunnelvisionError,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ClientDisconnected(TunnelvisionError):
+    """The client went away; nobody reads the response (nginx's 499)."""
+
+    code = "client_closed_request"
+
+
+STATUS_BY_ERROR: dict[type[TunnelvisionError], int] = {
+    InvalidImage: 400,
+    InvalidInput: 422,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    ImageTooLarge: 413,
+    UnsupportedMediaType: 415,
+    ClientDisconnected: 499,
+    Retryable: 503,
+    ModelUnavailable: 503,
+    DeadlineExceeded: 504,
+}
+
+_CODE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def status_for(exc: TunnelvisionError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def error_response(request: Request, status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "request_id": request_id(request)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def handle_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TunnelvisionError)
+    headers = None
+    if isinstance(exc, Retryable):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return error_response(request, status_for(exc), exc.code, exc.message, headers)
+
+
+async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODE_BY_STATUS.get(exc.status_code, "http_error")
+    return error_response(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(request, 422, InvalidInput.code, describe_validation_errors(exc.errors()))
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the client's fault: log the traceback, send only the request id."""
+    log.exception("unhandled error in request %s", request_id(request), exc_info=exc)
+    return error_response(request, 500, "internal_error",
+                          "internal server error; quote the request_id when reporting it")
+
+
+def describe_validation_errors(errors: object) -> str:
+    parts = []
+    for error in errors if isinstance(errors, list | tuple) else []:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(TunnelvisionError, handle_domain_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(Exception, handle_unexpected)

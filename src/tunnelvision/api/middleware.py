@@ -1,0 +1,85 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would break streaming and disconnect events)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tunnelvision.errors import PayloadTooLarge
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Use Cloudflare's CF-Ray (or X-Request-ID) when sane, else a new id; echo it back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _incoming_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    headers = dict(scope.get("headers", []))
+    for name in (b"cf-ray", b"x-request-id"):
+        value = headers.get(name, b"").decode("latin-1")
+        if _SAFE_ID.match(value):
+            return value
+    return None
+
+
+class BodyLimitMiddleware:
+    """413 as soon as the body is known to be too big: from Content-Length, or while it streams."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_too_large(scope, send, self.max_bytes)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(f"request body is over the {self.max_bytes} byte limit")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _send_too_large(scope: Scope, send: Send, max_bytes: int) -> None:
+    rid = scope.get("state", {}).get("request_id")
+    body: dict[str, Any] = {"error": {"code": "payload_too_large", "request_id": rid,
+                                      "message": f"request body is over the {max_bytes} byte limit"}}
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,90 @@
+"""One request, two encodings: multipart/form-data (an `image` file) or JSON (`image` base64)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from tunnelvision.api.errors import describe_validation_errors
+from tunnelvision.errors import InvalidImage, InvalidInput, UnsupportedMediaType
+from tunnelvision.imaging import decode_base64
+
+P = TypeVar("P", bound=BaseModel)
+JSON_TEXT_FIELDS = ("boxes", "points")  # multipart carries these as JSON text
+MAX_FORM_FIELDS = 32
+
+
+async def read_prediction_request(request: Request, params_model: type[P], max_bytes: int) -> tuple[bytes, P]:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json":
+        image, fields = await _read_json(request, max_bytes)
+    elif media_type == "multipart/form-data":
+        image, fields = await _read_multipart(request)
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type '{media_type or 'missing'}' is not supported: "
+            "send multipart/form-data (an 'image' file) or application/json ('image' as base64)"
+        )
+    return image, validate_params(params_model, fields)
+
+
+def validate_params(params_model: type[P], fields: dict[str, Any]) -> P:
+    try:
+        return params_model.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation_errors(exc.errors())) from None
+
+
+async def _read_json(request: Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    body = await request.body()
+    try:
+        data = await run_in_threadpool(json.loads, body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("JSON body must be an object")
+    encoded = data.pop("image", None)
+    if not isinstance(encoded, str) or not encoded:
+        raise InvalidImage("'image' is required: the image file as a base64 string")
+    return await run_in_threadpool(decode_base64, encoded, max_bytes), data
+
+
+async def _read_multipart(request: Request) -> tuple[bytes, dict[str, Any]]:
+    form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+    try:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise InvalidImage("'image' is required: a file field named 'image'")
+        image = await upload.read()
+        return image, _form_fields(form.multi_items())
+    finally:
+        await form.close()
+
+
+def _form_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, value in items:
+        if name == "image":
+            continue
+        if not isinstance(value, str):
+            raise InvalidInput(f"field '{name}' must be text, not a file")
+        if name in JSON_TEXT_FIELDS:
+            fields[name] = _json_field(name, value)
+        elif name == "prompt" and name in fields:  # repeated `prompt` fields: a list of labels
+            previous = fields[name]
+            fields[name] = [*(previous if isinstance(previous, list) else [previous]), value]
+        else:
+            fields[name] = value
+    return fields
+
+
+def _json_field(name: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise InvalidInput(f"field '{name}' must be JSON, e.g. [[10, 20, 200, 240]]") from None

@@ -1,0 +1,84 @@
+"""/v1/detect and /v1/segment: parse, hand to the engine, stop if the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from tunnelvision.api.deps import SettingsDep, StateDep
+from tunnelvision.api.errors import ClientDisconnected
+from tunnelvision.api.openapi import ERROR_RESPONSES, request_body
+from tunnelvision.api.parsing import read_prediction_request
+from tunnelvision.schemas import (
+    DetectJSONRequest,
+    DetectRequestParams,
+    DetectResponse,
+    SegmentJSONRequest,
+    SegmentParams,
+    SegmentResponse,
+)
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+T = TypeVar("T")
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    summary="Boxes for the phrases of a text prompt (GroundingDINO)",
+    openapi_extra=request_body(DetectRequestParams, DetectJSONRequest),
+    responses=ERROR_RESPONSES,
+)
+async def detect(request: Request, state: StateDep, settings: SettingsDep) -> Response:
+    engine = state.ready_engine()
+    image, params = await read_prediction_request(request, DetectRequestParams, settings.max_body_bytes)
+    result = await until_disconnected(request, engine.detect(image, params))
+    return await json_response(result)
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    summary="Masks from a text prompt (GroundingDINO + SAM), from boxes or from points (SAM)",
+    openapi_extra=request_body(SegmentParams, SegmentJSONRequest),
+    responses=ERROR_RESPONSES,
+)
+async def segment(request: Request, state: StateDep, settings: SettingsDep) -> Response:
+    engine = state.ready_engine()
+    image, params = await read_prediction_request(request, SegmentParams, settings.max_body_bytes)
+    result = await until_disconnected(request, engine.segment(image, params))
+    return await json_response(result)
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Starlette does not cancel a handler whose client left: watch for it and cancel the work,
+    so a request still queued never reaches the device."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ClientDisconnected("client disconnected")
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def json_response(model: BaseModel) -> Response:
+    """Serialise off the event loop: mask payloads can be megabytes."""
+    body = await run_in_threadpool(model.model_dump_json)
+    return Response(body, media_type="application/json")

@@ -1,0 +1,93 @@
+"""The server's life: loading -> warming up -> ready -> shutting down (or failed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tunnelvision.config import Settings
+from tunnelvision.engine.backend import Backend
+from tunnelvision.engine.engine import Engine, EngineConfig
+from tunnelvision.errors import ModelUnavailable, NotReady, ShuttingDown, WorkerUnavailable
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[Settings], Sequence[Backend]]
+
+
+class AppState:
+    def __init__(self, settings: Settings, backend_factory: BackendFactory) -> None:
+        self.settings = settings
+        self.backend_factory = backend_factory
+        self.engine: Engine | None = None
+        self.phase = "starting"
+        self.failure: str | None = None
+        # Called with the reason when models cannot load; `serve` uses it to exit non-zero.
+        self.on_fatal: Callable[[str], None] | None = None
+
+    async def load(self) -> None:
+        try:
+            self.phase = "loading models"
+            backends = await asyncio.to_thread(self.backend_factory, self.settings)
+            self.engine = Engine(backends, engine_config(self.settings))
+            self.engine.start()
+            if self.settings.warmup:
+                self.phase = "warming up"
+                await self.engine.warmup()
+            if self.phase in ("loading models", "warming up"):  # not if shutdown began meanwhile
+                self.phase = "ready"
+                log.info("ready: %s", self.engine.info)
+        except ModelUnavailable as exc:
+            self._fail(exc.message)
+        except Exception as exc:
+            log.exception("start-up failed")
+            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        self.phase, self.failure = "failed", reason
+        log.error("%s", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def begin_shutdown(self) -> None:
+        if self.phase != "failed":
+            self.phase = "shutting down"
+        if self.engine is not None:
+            self.engine.begin_shutdown()
+
+    async def close(self) -> None:
+        self.begin_shutdown()
+        if self.engine is not None:
+            await self.engine.close()
+
+    def not_ready_reason(self) -> str | None:
+        if self.phase == "ready" and self.engine is not None and not self.engine.scheduler.healthy:
+            return "the device worker has stopped"
+        if self.phase == "failed":
+            return self.failure
+        return None if self.phase == "ready" else self.phase
+
+    def ready_engine(self) -> Engine:
+        """The engine, or the reason why requests cannot be served right now."""
+        reason = self.not_ready_reason()
+        if reason is None and self.engine is not None:
+            return self.engine
+        if self.phase == "shutting down":
+            raise ShuttingDown("server is shutting down; retry shortly", 5.0)
+        if self.phase == "ready":
+            raise WorkerUnavailable(f"not serving: {reason}", 30.0)
+        raise NotReady(f"not ready: {reason}", 5.0)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats() if self.engine is not None else {}
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_queue=settings.max_queue,
+        deadline_s=settings.deadline_s,
+        max_image_pixels=settings.max_image_pixels,
+        cpu_threads=settings.cpu_threads,
+    )

@@ -1,0 +1,94 @@
+"""`tunnelvision serve | models random`. Every Settings field is a serve flag."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from tunnelvision import __version__
+from tunnelvision.config import Settings
+
+log = logging.getLogger("tunnelvision")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Any = args.handler
+    return int(handler(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunnelvision", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tunnelvision {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API",
+                                description="Flags override TUNNELVISION_* environment variables.")
+    add_settings_flags(serve)
+    serve.set_defaults(handler=run_serve)
+
+    models = commands.add_parser("models", help="model utilities")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    random = model_commands.add_parser("random", help="write random-weight checkpoints")
+    random.add_argument("out", type=Path, help="folder; gets detector/ and segmenter/")
+    random.add_argument("--size", choices=["tiny", "full"], default="tiny",
+                        help="tiny: tests and demos; full: default architectures, for benchmarks")
+    random.add_argument("--seed", type=int, default=0)
+    random.set_defaults(handler=run_models_random)
+    return parser
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (default: {field.default}; env TUNNELVISION_{name.upper()})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(annotation) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(annotation), **kwargs)
+        else:
+            parser.add_argument(flag, type=_scalar_type(annotation), **kwargs)
+
+
+def _scalar_type(annotation: Any) -> type:
+    if isinstance(annotation, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation if annotation in (int, float, str) else str
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"tunnelvision: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from tunnelvision.server import serve
+
+    return serve(settings)
+
+
+def run_models_random(args: argparse.Namespace) -> int:
+    from tunnelvision.models.random import write_random_models
+
+    detector, segmenter = write_random_models(args.out, args.size, args.seed)
+    print(f"wrote {detector} and {segmenter} ({args.size}, random weights)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

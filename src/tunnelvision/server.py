@@ -1,0 +1,61 @@
+"""Run the app under uvicorn with the settings Cloudflare Tunnel needs, and a prompt shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+
+from tunnelvision.api.app import create_app
+from tunnelvision.api.state import AppState
+from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
+
+log = logging.getLogger("tunnelvision")
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, fail queued requests at once (uvicorn alone would wait for them all
+    before running the lifespan shutdown); the request on the device still finishes."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is not None:  # a signal handler must not take locks: hop onto the loop
+            self._loop.call_soon_threadsafe(self.state.begin_shutdown)
+        super().handle_exit(sig, frame)
+
+    def fail(self, reason: str) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    if settings.keep_alive_s <= CLOUDFLARED_KEEPALIVE_S:
+        log.warning("keep_alive_s=%s is not above cloudflared's %s s pool: expect sporadic 502s",
+                    settings.keep_alive_s, CLOUDFLARED_KEEPALIVE_S)
+    app = create_app(settings)
+    state: AppState = app.state.tunnelvision
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
+        timeout_keep_alive=settings.keep_alive_s, server_header=False,
+        timeout_graceful_shutdown=int(settings.deadline_s) + 5,
+    )
+    server = GracefulServer(config, state)
+    state.on_fatal = server.fail
+    server.run()
+    return server.exit_code
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

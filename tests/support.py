@@ -1,0 +1,148 @@
+"""Shared test helpers: free ports, servers on 127.0.0.1, images, a controllable fake backend."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+from PIL import Image
+
+from tunnelvision.api.app import create_app
+from tunnelvision.config import Settings
+from tunnelvision.engine.backend import BackendInfo
+from tunnelvision.errors import DeviceOutOfMemory
+from tunnelvision.imaging import RGBImage
+from tunnelvision.schemas import Detection, DetectParams, Segmentation, SegmentParams
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Test settings: a free port, no warm-up; anything else as given."""
+    values: dict[str, Any] = {"port": free_port(), "warmup": False, "deadline_s": 30.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: escapes the worker's per-task handler, ending the worker thread."""
+
+
+class FakeBackend:
+    """Device cost and failures chosen by the test through prompt words:
+    'explode' raises a bug, 'oom' runs out of memory, 'die' kills the worker, 'slow' sleeps."""
+
+    info = BackendInfo("fake-detector", "fake-segmenter", "cpu", "float32")
+
+    def __init__(self, cost_s: float = 0.0, slow_s: float = 1.0) -> None:
+        self.cost_s = cost_s
+        self.slow_s = slow_s
+        self.executed = 0
+        self.started = threading.Event()
+
+    def prepare(self, image: RGBImage, params: DetectParams) -> tuple[int, int]:
+        return int(image.shape[0]), int(image.shape[1])
+
+    def run(self, prepared: tuple[int, int], params: DetectParams) -> tuple[int, int]:
+        self.executed += 1
+        self.started.set()
+        words = set(" ".join(params.phrases).split())
+        if "explode" in words:
+            raise RuntimeError("secret internal detail /etc/passwd")
+        if "oom" in words:
+            raise DeviceOutOfMemory("the GPU ran out of memory", 7.0)
+        if "die" in words:
+            raise WorkerKilled()
+        time.sleep(self.slow_s if "slow" in words else self.cost_s)  # releases the GIL
+        return prepared
+
+    def finish(self, raw: tuple[int, int], params: DetectParams, prepared: Any) -> list[Detection]:
+        height, width = raw
+        box = [0.0, 0.0, float(width), float(height)]
+        label = params.phrases[0] if params.phrases else None
+        if isinstance(params, SegmentParams):
+            return [Segmentation(label=label, score=0.9, box=box, mask=None, mask_score=0.5)]
+        return [Detection(label=label, score=0.9, box=box)]
+
+
+class ThreadServer:
+    """The real app under a real uvicorn on a free 127.0.0.1 port, in a thread of this process."""
+
+    def __init__(self, settings: Settings, backend: Any) -> None:
+        self.app = create_app(settings, lambda _settings: [backend])
+        self.state = self.app.state.tunnelvision
+        self.port = settings.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_keep_alive=settings.keep_alive_s)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        wait_until_ready(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def wait_until_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextmanager
+def cli_server(detector: Path, segmenter: Path, *extra: str, env: dict[str, str] | None = None,
+               log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`tunnelvision serve` as a subprocess, exactly as a user starts it."""
+    import os
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "tunnelvision.cli", "serve", "--detector", str(detector),
+               "--segmenter", str(segmenter), "--port", str(port), "--log-level", "warning", *extra]
+    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process=process)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)

@@ -1,0 +1,128 @@
+"""The real backend on tiny random checkpoints, loaded through the code users run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
+from tunnelvision.models.grounded_sam import GroundedSam, RawResult, phrase_token_spans
+from tunnelvision.schemas import DetectParams, RLE, Segmentation, SegmentParams
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_models: tuple[Path, Path]) -> GroundedSam:
+    return GroundedSam(str(tiny_models[0]), str(tiny_models[1]), device="cpu")
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+
+
+def predict(backend: GroundedSam, image: np.ndarray, params: DetectParams) -> list[Any]:
+    prepared = backend.prepare(image, params)
+    return backend.finish(backend.run(prepared, params), params, prepared)
+
+
+def test_phrase_spans_follow_the_separators() -> None:
+    # [CLS] a cat . fork ##lift . [SEP]
+    assert phrase_token_spans([101, 5, 6, 1012, 7, 8, 1012, 102], 2) == [(1, 3), (4, 6)]
+    with pytest.raises(InvalidInput):
+        phrase_token_spans([101, 5, 1012, 102], 2)
+
+
+def test_detections_carry_the_users_phrases_inside_the_image(backend: GroundedSam, image: np.ndarray) -> None:
+    params = DetectParams(prompt="Red Forklift . zebra", box_threshold=0.0, max_detections=10)
+    detections = predict(backend, image, params)
+    assert 0 < len(detections) <= 10
+    for d in detections:
+        assert d.label in {"red forklift", "zebra"}  # never '[SEP]' or '##' pieces
+        x1, y1, x2, y2 = d.box
+        assert 0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 120
+    scores = [d.score for d in detections]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_thresholds_and_max_detections_filter(backend: GroundedSam, image: np.ndarray) -> None:
+    loose = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=1.0, max_detections=900))
+    strict = [d for d in loose if d.score >= 0.9]
+    got = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.9, nms_iou=1.0, max_detections=900))
+    assert len(got) == len(strict)
+    assert len(predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, max_detections=2))) <= 2
+
+
+def test_nms_removes_overlapping_boxes_of_a_phrase(backend: GroundedSam, image: np.ndarray) -> None:
+    without = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=1.0, max_detections=900))
+    with_nms = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=0.1, max_detections=900))
+    assert len(with_nms) < len(without)
+
+
+def test_segment_by_text_gives_full_size_masks(backend: GroundedSam, image: np.ndarray) -> None:
+    params = SegmentParams(prompt="cat", box_threshold=0.0, max_detections=3)
+    results = predict(backend, image, params)
+    assert len(results) == 3
+    for r in results:
+        assert isinstance(r, Segmentation) and isinstance(r.mask, RLE)
+        assert r.mask.size == [120, 160]
+
+
+def test_box_chunks_give_the_same_masks_as_one_call(tiny_models: tuple[Path, Path], image: np.ndarray) -> None:
+    boxes = [[0, 0, 50, 50], [10, 10, 100, 80], [30, 5, 160, 120], [1, 1, 2, 2], [60, 60, 90, 110]]
+    params = SegmentParams(boxes=boxes, mask_format="rle")
+    chunked = GroundedSam(str(tiny_models[0]), str(tiny_models[1]), device="cpu", sam_chunk_size=2)
+    whole = GroundedSam(str(tiny_models[0]), str(tiny_models[1]), device="cpu", sam_chunk_size=64)
+    a, b = predict(chunked, image, params), predict(whole, image, params)
+    assert [r.mask.counts for r in a] == [r.mask.counts for r in b]
+    assert [r.box for r in a] == [[float(v) for v in box] for box in boxes]
+
+
+def test_multimask_keeps_the_mask_with_the_best_predicted_iou(backend: GroundedSam, image: np.ndarray) -> None:
+    prepared = backend.prepare(image, SegmentParams(boxes=[[0, 0, 80, 80]]))
+    with torch.inference_mode():
+        embeddings = backend.sam.get_image_embeddings(prepared.sam_pixels)
+        boxes = torch.tensor([[[0.0, 0.0, 80.0, 80.0]]]) * torch.tensor(prepared.sam_scale * 2)
+        out = backend.sam(image_embeddings=embeddings, input_boxes=boxes, multimask_output=True)
+        masks, scores = backend._decode(embeddings, True, input_boxes=boxes)
+    best = int(out.iou_scores[0, 0].argmax())
+    assert torch.equal(masks[0], out.pred_masks[0, 0, best])
+    assert float(scores[0]) == pytest.approx(float(out.iou_scores[0, 0].max()))
+
+
+def test_points_give_one_mask_and_its_box(backend: GroundedSam, image: np.ndarray) -> None:
+    results = predict(backend, image, SegmentParams(points=[[20, 30, 1], [100, 90, 0]], mask_format="png"))
+    assert len(results) == 1
+    assert results[0].label is None and isinstance(results[0].mask, str)
+
+
+def test_no_detections_means_sam_is_never_called(backend: GroundedSam, image: np.ndarray,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = RawResult(torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long), None, None)
+    monkeypatch.setattr(backend, "_detect", lambda prepared, params: empty)
+    monkeypatch.setattr(backend.sam, "get_image_embeddings", lambda *a: pytest.fail("SAM was called"))
+    assert predict(backend, image, SegmentParams(prompt="cat")) == []
+
+
+def test_out_of_memory_frees_the_cache_and_becomes_a_retryable_error(
+        backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    freed = []
+
+    def oom(*args: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(backend, "_run", oom)
+    monkeypatch.setattr("tunnelvision.models.grounded_sam.free_device_memory", lambda: freed.append(1))
+    params = SegmentParams(prompt="cat")
+    with pytest.raises(DeviceOutOfMemory) as caught:
+        backend.run(backend.prepare(image, params), params)
+    assert freed == [1] and caught.value.retry_after_s > 0
+
+
+def test_a_prompt_longer_than_the_text_encoder_is_refused(backend: GroundedSam, image: np.ndarray) -> None:
+    long_prompt = [" ".join(["forklift"] * 20) + f" {i}" for i in range(20)]
+    with pytest.raises(InvalidInput, match="tokens"):
+        backend.prepare(image, DetectParams(prompt=long_prompt))

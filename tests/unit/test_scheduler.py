@@ -1,0 +1,211 @@
+"""The scheduler's promises, checked with plain callables whose cost and failures we control."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from tunnelvision.engine.scheduler import BACKGROUND, INTERACTIVE, Scheduler
+from tunnelvision.errors import DeadlineExceeded, QueueFull, ShuttingDown, WorkerUnavailable
+
+
+class Gate:
+    """A device task that blocks until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, replica: Any) -> str:
+        self.entered.set()
+        assert self.release.wait(10)
+        return "gate"
+
+
+def started(max_queue: int = 8) -> Scheduler[str]:
+    scheduler: Scheduler[str] = Scheduler(["replica"], max_queue=max_queue)
+    scheduler.start()
+    return scheduler
+
+
+def far() -> float:
+    return time.monotonic() + 60
+
+
+def result(future: Future[Any]) -> Any:
+    return future.result(timeout=10)
+
+
+def test_runs_work_on_the_replica_and_counts_it() -> None:
+    scheduler = started()
+    assert result(scheduler.submit(lambda r: f"ran on {r}", far()).future) == "ran on replica"
+    assert scheduler.stats()["executed"] == 1
+
+
+def test_first_come_first_served_within_a_priority_and_interactive_before_background() -> None:
+    scheduler, gate, order = started(), Gate(), []
+    scheduler.submit(gate, far())
+    assert gate.entered.wait(5)
+    tasks = [
+        scheduler.submit(lambda r, n=name: order.append(n), far(), priority)
+        for name, priority in [("bg1", BACKGROUND), ("a", INTERACTIVE), ("bg2", BACKGROUND), ("b", INTERACTIVE)]
+    ]
+    gate.release.set()
+    for task in tasks:
+        result(task.future)
+    assert order == ["a", "b", "bg1", "bg2"]
+
+
+def test_full_queue_rejects_at_submit_with_a_retry_estimate() -> None:
+    scheduler, gate = started(max_queue=2), Gate()
+    scheduler.submit(gate, far())
+    assert gate.entered.wait(5)
+    queued = [scheduler.submit(lambda r: None, far()) for _ in range(2)]
+    began = time.monotonic()
+    with pytest.raises(QueueFull) as caught:
+        scheduler.submit(lambda r: None, far())
+    assert time.monotonic() - began < 0.1  # decided at once, no waiting
+    assert caught.value.retry_after_s >= 1
+    assert scheduler.stats()["rejected"] == 1
+    gate.release.set()
+    for task in queued:
+        result(task.future)
+
+
+def test_task_past_its_deadline_is_dropped_without_running() -> None:
+    scheduler, gate, ran = started(), Gate(), []
+    scheduler.submit(gate, far())
+    assert gate.entered.wait(5)
+    late = scheduler.submit(lambda r: ran.append(1), time.monotonic() + 0.05)
+    time.sleep(0.1)
+    gate.release.set()
+    with pytest.raises(DeadlineExceeded):
+        result(late.future)
+    assert ran == []
+    stats = scheduler.stats()
+    assert (stats["executed"], stats["dropped_expired"]) == (1, 1)
+
+
+def test_async_run_times_out_at_the_deadline_and_the_task_never_runs() -> None:
+    scheduler, gate, ran = started(), Gate(), []
+
+    async def scenario() -> None:
+        scheduler.submit(gate, far())
+        assert gate.entered.wait(5)
+        began = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await scheduler.run(lambda r: ran.append(1), timeout_s=0.2)
+        assert 0.15 < time.monotonic() - began < 2  # the waiter hears at its deadline, not later
+
+    asyncio.run(scenario())
+    gate.release.set()
+    scheduler.begin_shutdown()
+    assert scheduler.join(5)
+    assert ran == []
+    assert scheduler.stats()["dropped_expired"] == 1
+
+
+def test_cancelled_waiter_drops_its_queued_task() -> None:
+    scheduler, gate, ran = started(), Gate(), []
+
+    async def scenario() -> None:
+        scheduler.submit(gate, far())
+        assert gate.entered.wait(5)
+        waiter = asyncio.create_task(scheduler.run(lambda r: ran.append(1), timeout_s=30))
+        await asyncio.sleep(0.05)
+        assert scheduler.stats()["queued"] == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert scheduler.stats()["queued"] == 0  # the slot is free at once
+
+    asyncio.run(scenario())
+    gate.release.set()
+    scheduler.begin_shutdown()
+    assert scheduler.join(5)
+    assert ran == []
+    assert scheduler.stats()["dropped_cancelled"] == 1
+
+
+def test_an_exception_fails_only_its_task_and_the_worker_lives_on() -> None:
+    scheduler = started()
+
+    def broken(replica: Any) -> None:
+        raise ValueError("bug")
+
+    with pytest.raises(ValueError):
+        result(scheduler.submit(broken, far()).future)
+    assert result(scheduler.submit(lambda r: "fine", far()).future) == "fine"
+    stats = scheduler.stats()
+    assert (stats["failed"], stats["executed"], stats["failed_by_code"]) == (1, 1, {"internal_error": 1})
+
+
+class Fatal(BaseException):
+    pass
+
+
+def test_a_dead_worker_fails_every_waiter_and_refuses_new_work() -> None:
+    scheduler, gate = started(), Gate()
+    scheduler.submit(gate, far())
+    assert gate.entered.wait(5)
+
+    def fatal(replica: Any) -> None:
+        raise Fatal()
+
+    killer = scheduler.submit(fatal, far())
+    waiting = [scheduler.submit(lambda r: "never", far()) for _ in range(3)]
+    gate.release.set()
+    for task in [killer, *waiting]:
+        with pytest.raises(WorkerUnavailable):
+            result(task.future)
+    assert not scheduler.healthy
+    with pytest.raises(WorkerUnavailable):
+        scheduler.submit(lambda r: None, far())
+
+
+def test_shutdown_lets_the_running_task_finish_and_fails_the_queued() -> None:
+    scheduler, gate = started(), Gate()
+    running = scheduler.submit(gate, far())
+    assert gate.entered.wait(5)
+    queued = [scheduler.submit(lambda r: "never", far()) for _ in range(3)]
+    scheduler.begin_shutdown()
+    for task in queued:
+        with pytest.raises(ShuttingDown):
+            result(task.future)
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(lambda r: None, far())
+    gate.release.set()
+    assert result(running.future) == "gate"
+    assert scheduler.join(5)
+    assert scheduler.stats()["dropped_shutdown"] == 3
+
+
+def test_one_worker_per_replica_runs_tasks_side_by_side() -> None:
+    scheduler: Scheduler[str] = Scheduler(["gpu0", "gpu1"], max_queue=8)
+    scheduler.start()
+    barrier = threading.Barrier(2, timeout=5)
+
+    def meet(replica: str) -> str:
+        barrier.wait()  # only passes when both replicas run at the same time
+        return replica
+
+    tasks = [scheduler.submit(meet, far()) for _ in range(2)]
+    assert sorted(result(t.future) for t in tasks) == ["gpu0", "gpu1"]
+
+
+def test_retry_after_grows_with_the_queue() -> None:
+    scheduler, gate = started(max_queue=50), Gate()
+    scheduler.submit(lambda r: time.sleep(0.2), far()).future.result(5)  # learn a service time
+    scheduler.submit(gate, far())
+    assert gate.entered.wait(5)
+    short = scheduler.retry_after_s()
+    queued = [scheduler.submit(lambda r: None, far()) for _ in range(40)]
+    assert scheduler.retry_after_s() > short
+    gate.release.set()
+    for task in queued:
+        result(task.future)
