@@ -125,6 +125,20 @@ def wait_until_ready(url: str, timeout_s: float = 60.0, process: subprocess.Pope
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
+def send_and_hang_up(url: str, image: bytes) -> None:
+    """A client that sends a whole request, then goes away before the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    boundary = "tvboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\ncat\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"i.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.3)  # let the server parse it and queue it
+
+
 @contextmanager
 def cli_server(detector: Path, segmenter: Path, *extra: str, env: dict[str, str] | None = None,
                log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:

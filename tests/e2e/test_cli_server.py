@@ -1,0 +1,258 @@
+"""`tunnelvision serve` as a subprocess on tiny random checkpoints: what a user gets."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+from support import cli_server, free_port, image_bytes, send_and_hang_up, wait_until_ready
+
+pytestmark = pytest.mark.e2e
+PNG = image_bytes(160, 120)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with cli_server(*tiny_models, log=log) as (server_url, _):
+        yield server_url
+
+
+def post(url: str, route: str, image: bytes = PNG, timeout: float = 60, **fields: Any) -> httpx.Response:
+    return httpx.post(f"{url}{route}", files={"image": ("image", image)}, data=fields, timeout=timeout)
+
+
+def stats(url: str) -> dict[str, Any]:
+    queue: dict[str, Any] = httpx.get(f"{url}/readyz", timeout=10).json()["queue"]
+    return queue
+
+
+def wait_for(condition: Any, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_detect_returns_boxes_for_the_prompt(url: str) -> None:
+    body = {"image": base64.b64encode(PNG).decode(), "prompt": "forklift . person", "box_threshold": 0.0,
+            "max_detections": 5}
+    response = httpx.post(f"{url}/v1/detect", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["image"] == {"width": 160, "height": 120}
+    assert 0 < len(data["detections"]) <= 5
+    for d in data["detections"]:
+        assert d["label"] in {"forklift", "person"} and 0 <= d["score"] <= 1 and len(d["box"]) == 4
+
+
+def test_segment_by_text_gives_rle_masks_of_the_image_size(url: str) -> None:
+    response = post(url, "/v1/segment", prompt="cat", box_threshold="0", max_detections="3")
+    assert response.status_code == 200, response.text
+    detections = response.json()["detections"]
+    assert len(detections) == 3
+    for d in detections:
+        rle = d["mask"]
+        mask = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        assert mask.shape == (120, 160)
+        assert d["label"] == "cat" and isinstance(d["mask_score"], float)
+
+
+def test_segment_by_boxes_and_by_points(url: str) -> None:
+    boxes = post(url, "/v1/segment", boxes="[[10, 10, 80, 60], [50, 20, 150, 110]]")
+    assert boxes.status_code == 200, boxes.text
+    assert [d["box"] for d in boxes.json()["detections"]] == [[10, 10, 80, 60], [50, 20, 150, 110]]
+    points = post(url, "/v1/segment", points="[[40, 30, 1], [120, 90, 0]]", multimask="true")
+    assert points.status_code == 200, points.text
+    (only,) = points.json()["detections"]
+    assert only["label"] is None and only["mask"]["size"] == [120, 160]
+
+
+@pytest.mark.parametrize("fmt", ["rle", "polygon", "png", "none"])
+def test_every_mask_format(url: str, fmt: str) -> None:
+    response = post(url, "/v1/segment", boxes="[[0, 0, 160, 120]]", mask_format=fmt)
+    assert response.status_code == 200, response.text
+    assert response.json()["mask_format"] == fmt
+    mask = response.json()["detections"][0]["mask"]
+    if fmt == "rle":
+        decoded = coco_mask.decode({"size": mask["size"], "counts": mask["counts"].encode()})
+        assert decoded.shape == (120, 160)
+    elif fmt == "polygon":
+        assert all(len(poly) >= 6 and len(poly) % 2 == 0 for poly in mask)
+        assert all(0 <= v <= 160 for poly in mask for v in poly)
+    elif fmt == "png":
+        assert Image.open(io.BytesIO(base64.b64decode(mask))).size == (160, 120)
+    else:
+        assert mask is None
+
+
+def converted(mode: str, fmt: str, **save: Any) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.open(io.BytesIO(image_bytes(90, 60))).convert(mode)
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def sixteen_bit() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((60, 90), 40000, dtype=np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rotated_by_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return converted("RGB", "JPEG", exif=exif.tobytes())
+
+
+def animated() -> bytes:
+    frames = [Image.new("RGB", (90, 60), c) for c in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("make", "size"), [
+    (lambda: converted("L", "PNG"), (90, 60)),
+    (lambda: converted("RGBA", "PNG"), (90, 60)),
+    (lambda: converted("CMYK", "JPEG"), (90, 60)),
+    (lambda: converted("P", "PNG"), (90, 60)),
+    (lambda: converted("RGB", "WEBP"), (90, 60)),
+    (sixteen_bit, (90, 60)),
+    (animated, (90, 60)),
+    (rotated_by_exif, (60, 90)),
+], ids=["gray", "rgba", "cmyk", "palette", "webp", "16bit", "animated", "exif-rotated"])
+def test_image_kinds_are_accepted_and_converted(url: str, make: Any, size: tuple[int, int]) -> None:
+    response = post(url, "/v1/segment", image=make(), prompt="cat", box_threshold="0", max_detections="1")
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": size[0], "height": size[1]}
+
+
+def test_models_route_and_openapi(url: str, tiny_models: tuple[Path, Path]) -> None:
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["detector"] == {"id": str(tiny_models[0]), "device": "cpu", "dtype": "float32"}
+    assert models["demo"] is False
+    assert "/v1/segment" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def burst(url: str, count: int, **fields: Any) -> list[httpx.Response]:
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(post, url, "/v1/segment", **fields) for _ in range(count)]
+        return [f.result() for f in futures]
+
+
+HEAVY = {"prompt": "cat . dog", "box_threshold": "0", "max_detections": "30", "multimask": "true",
+         "mask_format": "none"}
+
+
+def test_healthz_stays_fast_while_requests_saturate_the_worker(url: str) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(burst, url, 16, **HEAVY)
+        wait_for(lambda: stats(url)["queued"] > 0)
+        latencies = []
+        while not load.done():
+            began = time.monotonic()
+            assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+            latencies.append(time.monotonic() - began)
+            time.sleep(0.02)
+        assert all(r.status_code == 200 for r in load.result())
+    assert len(latencies) >= 5 and max(latencies) < 1.0
+
+
+def test_client_that_hangs_up_while_queued_never_reaches_the_device(url: str) -> None:
+    before = stats(url)
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(burst, url, 12, **HEAVY)
+        wait_for(lambda: stats(url)["queued"] >= 3)
+        send_and_hang_up(url, PNG)
+        wait_for(lambda: stats(url)["dropped_cancelled"] > before["dropped_cancelled"])
+        assert all(r.status_code == 200 for r in load.result())
+    after = stats(url)
+    assert after["executed"] - before["executed"] == 12
+    assert after["dropped_cancelled"] - before["dropped_cancelled"] == 1
+
+
+def test_full_queue_gets_503_with_retry_after(tiny_models: tuple[Path, Path]) -> None:
+    with cli_server(*tiny_models, "--max-queue", "1", "--no-warmup") as (server_url, _):
+        responses = burst(server_url, 24, **HEAVY)
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 503 in codes, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+
+
+def test_requests_past_the_deadline_are_dropped_before_the_device(tiny_models: tuple[Path, Path]) -> None:
+    with cli_server(*tiny_models, "--deadline-s", "0.25", "--no-warmup") as (server_url, _):
+        responses = burst(server_url, 16, **HEAVY)
+        wait_for(lambda: stats(server_url)["running"] == 0)
+        final = stats(server_url)
+    timed_out = [r for r in responses if r.status_code == 504]
+    assert timed_out and all(r.json()["error"]["code"] == "deadline_exceeded" for r in timed_out)
+    assert final["dropped_expired"] > 0
+    assert final["executed"] + final["failed"] < 16  # dropped ones never ran
+
+
+def test_sigterm_finishes_running_work_fails_the_queued_and_exits(tiny_models: tuple[Path, Path]) -> None:
+    with cli_server(*tiny_models, "--no-warmup") as (server_url, process), ThreadPoolExecutor(1) as pool:
+        load = pool.submit(burst, server_url, 12, **HEAVY)
+        wait_for(lambda: stats(server_url)["queued"] >= 4)
+        process.send_signal(signal.SIGTERM)
+        responses = load.result()
+        process.wait(30)
+    codes = {r.status_code for r in responses}
+    assert codes <= {200, 503} and 503 in codes, codes
+    assert 200 in codes  # the request on the device finished
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "shutting_down"
+    assert process.returncode in (0, -signal.SIGTERM)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tunnelvision.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_missing_weights_fail_fast_with_the_remedies(tiny_models: tuple[Path, Path]) -> None:
+    began = time.monotonic()
+    result = run_cli("serve", "--detector", "someone/uncached-detector", "--segmenter", str(tiny_models[1]),
+                     "--port", str(free_port()), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert time.monotonic() - began < 45
+    assert "someone/uncached-detector" in result.stderr and "Cache folder" in result.stderr
+    assert "--demo" in result.stderr
+
+
+def test_invalid_settings_are_refused_before_starting() -> None:
+    result = run_cli("serve", "--deadline-s", "200")
+    assert result.returncode == 2 and "Cloudflare" in result.stderr
+
+
+def test_demo_mode_serves_random_models_and_says_so(tmp_path: Path) -> None:
+    port = str(free_port())
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-m", "tunnelvision.cli", "serve", "--demo", "--port", port],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", process=process)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["demo"] is True
+        assert post(f"http://127.0.0.1:{port}", "/v1/segment", prompt="cat").status_code == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0].decode()
+    assert "DEMO MODE" in output and "RANDOM-WEIGHT" in output
