@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support import FakeBackend, ThreadServer, make_settings
 
 
@@ -13,8 +14,11 @@ from support import FakeBackend, ThreadServer, make_settings
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Written by the CLI users run: `tunnelvision models random OUT --size tiny`."""
     out = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, "-m", "tunnelvision.cli", "models", "random", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "tunnelvision.cli", "models", "random", str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out / "detector", out / "segmenter"
 
 

@@ -38,7 +38,9 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> bytes:
+def image_bytes(
+    width: int = 64, height: int = 48, fmt: str = "PNG", mode: str = "RGB", seed: int = 0
+) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     image = Image.fromarray(pixels).convert(mode)
@@ -96,8 +98,13 @@ class ThreadServer:
         self.state = self.app.state.tunnelvision
         self.port = settings.port
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_keep_alive=settings.keep_alive_s)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            timeout_keep_alive=settings.keep_alive_s,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -111,7 +118,9 @@ class ThreadServer:
         self.thread.join(30)
 
 
-def wait_until_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until_ready(
+    url: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if process is not None and process.poll() is not None:
@@ -129,29 +138,52 @@ def send_and_hang_up(url: str, image: bytes) -> None:
     """A client that sends a whole request, then goes away before the answer."""
     host, port = url.removeprefix("http://").split(":")
     boundary = "tvboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\ncat\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"i.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\ncat\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="i.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(head + body)
         time.sleep(0.3)  # let the server parse it and queue it
 
 
 @contextmanager
-def cli_server(detector: Path, segmenter: Path, *extra: str, env: dict[str, str] | None = None,
-               log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def cli_server(
+    detector: Path, segmenter: Path, *extra: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`tunnelvision serve` as a subprocess, exactly as a user starts it."""
     import os
     import sys
 
     port = free_port()
-    command = [sys.executable, "-m", "tunnelvision.cli", "serve", "--detector", str(detector),
-               "--segmenter", str(segmenter), "--port", str(port), "--log-level", "warning", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "tunnelvision.cli",
+        "serve",
+        "--detector",
+        str(detector),
+        "--segmenter",
+        str(segmenter),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                               env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, process=process)

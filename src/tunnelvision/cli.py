@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunnelvision {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve the HTTP API",
-                                description="Flags override TUNNELVISION_* environment variables.")
+    serve = commands.add_parser(
+        "serve", help="serve the HTTP API", description="Flags override TUNNELVISION_* environment variables."
+    )
     add_settings_flags(serve)
     serve.set_defaults(handler=run_serve)
 
@@ -39,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="models_command", required=True)
     random = model_commands.add_parser("random", help="write random-weight checkpoints")
     random.add_argument("out", type=Path, help="folder; gets detector/ and segmenter/")
-    random.add_argument("--size", choices=["tiny", "full"], default="tiny",
-                        help="tiny: tests and demos; full: default architectures, for benchmarks")
+    random.add_argument(
+        "--size",
+        choices=["tiny", "full"],
+        default="tiny",
+        help="tiny: tests and demos; full: default architectures, for benchmarks",
+    )
     random.add_argument("--seed", type=int, default=0)
     random.set_defaults(handler=run_models_random)
     return parser

@@ -25,9 +25,7 @@ def encode_rle(mask: BoolMask) -> RLE:
 
 def encode_polygons(mask: BoolMask) -> list[list[float]]:
     """Outer contours as flat [x1, y1, x2, y2, ...] lists (COCO polygon style), >= 3 points."""
-    contours, _ = cv2.findContours(
-        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
 
 
@@ -65,7 +63,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
         return _batched_nms_torch(boxes.float(), scores.float(), classes, iou)
 
 
-def _batched_nms_torch(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
+def _batched_nms_torch(
+    boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float
+) -> torch.Tensor:
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     # Offsetting boxes per class keeps classes apart: the trick torchvision uses too.

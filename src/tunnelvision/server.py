@@ -42,13 +42,21 @@ class GracefulServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     if settings.keep_alive_s <= CLOUDFLARED_KEEPALIVE_S:
-        log.warning("keep_alive_s=%s is not above cloudflared's %s s pool: expect sporadic 502s",
-                    settings.keep_alive_s, CLOUDFLARED_KEEPALIVE_S)
+        log.warning(
+            "keep_alive_s=%s is not above cloudflared's %s s pool: expect sporadic 502s",
+            settings.keep_alive_s,
+            CLOUDFLARED_KEEPALIVE_S,
+        )
     app = create_app(settings)
     state: AppState = app.state.tunnelvision
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-        timeout_keep_alive=settings.keep_alive_s, server_header=False,
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level,
+        timeout_keep_alive=settings.keep_alive_s,
+        server_header=False,
         timeout_graceful_shutdown=int(settings.deadline_s) + 5,
     )
     server = GracefulServer(config, state)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+
 from support import ThreadServer, image_bytes
 
 PNG = image_bytes(64, 48)
@@ -37,49 +38,148 @@ def as_json(payload: Any) -> dict[str, Any]:
 
 
 CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
-    ("not-an-image", "/v1/detect", multipart(b"hello world", prompt="cat"), 400, "invalid_image", "not an image"),
-    ("truncated", "/v1/detect", multipart(PNG[:120], prompt="cat"), 400, "invalid_image", "corrupt or truncated"),
+    (
+        "not-an-image",
+        "/v1/detect",
+        multipart(b"hello world", prompt="cat"),
+        400,
+        "invalid_image",
+        "not an image",
+    ),
+    (
+        "truncated",
+        "/v1/detect",
+        multipart(PNG[:120], prompt="cat"),
+        400,
+        "invalid_image",
+        "corrupt or truncated",
+    ),
     ("empty-file", "/v1/detect", multipart(b"", prompt="cat"), 400, "invalid_image", "empty"),
     ("bad-base64", "/v1/detect", as_json({"image": "%%%", "prompt": "cat"}), 400, "invalid_image", "base64"),
     ("json-no-image", "/v1/segment", as_json({"prompt": "cat"}), 400, "invalid_image", "'image' is required"),
-    ("form-image-as-text", "/v1/detect", {"data": {"image": "abc", "prompt": "cat"},
-                                          "files": {"x": ("x", b"1")}}, 400, "invalid_image", "file field"),
+    (
+        "form-image-as-text",
+        "/v1/detect",
+        {"data": {"image": "abc", "prompt": "cat"}, "files": {"x": ("x", b"1")}},
+        400,
+        "invalid_image",
+        "file field",
+    ),
     ("json-not-object", "/v1/detect", as_json([1, 2]), 422, "invalid_input", "object"),
-    ("json-syntax", "/v1/detect", {"content": b"{nope", "headers": {"content-type": "application/json"}},
-     422, "invalid_input", "not valid JSON"),
-    ("declared-too-big", "/v1/detect", {"content": b"x" * 300_000, "headers": {"content-type": "application/json"}},
-     413, "payload_too_large", "byte limit"),
-    ("streamed-too-big", "/v1/detect", {"content": chunks(400_000), "headers": {"content-type": "application/json"}},
-     413, "payload_too_large", "byte limit"),
+    (
+        "json-syntax",
+        "/v1/detect",
+        {"content": b"{nope", "headers": {"content-type": "application/json"}},
+        422,
+        "invalid_input",
+        "not valid JSON",
+    ),
+    (
+        "declared-too-big",
+        "/v1/detect",
+        {"content": b"x" * 300_000, "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+        "byte limit",
+    ),
+    (
+        "streamed-too-big",
+        "/v1/detect",
+        {"content": chunks(400_000), "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+        "byte limit",
+    ),
     ("pixel-bomb", "/v1/segment", multipart(bomb(), prompt="cat"), 413, "image_too_large", "2000x2000"),
     ("empty-prompt", "/v1/segment", multipart(prompt=" . "), 422, "invalid_input", "nothing to segment"),
     ("detect-empty-prompt", "/v1/detect", multipart(prompt=""), 422, "invalid_input", "prompt is empty"),
-    ("threshold-high", "/v1/detect", multipart(prompt="cat", box_threshold="1.5"), 422, "invalid_input", "box_threshold"),
-    ("threshold-negative", "/v1/segment", as_json({"image": B64, "prompt": "cat", "text_threshold": -1}),
-     422, "invalid_input", "text_threshold"),
-    ("threshold-not-number", "/v1/detect", multipart(prompt="cat", box_threshold="high"), 422, "invalid_input",
-     "box_threshold"),
-    ("degenerate-box", "/v1/segment", multipart(boxes="[[10, 10, 10, 20]]"), 422, "invalid_input", "degenerate"),
+    (
+        "threshold-high",
+        "/v1/detect",
+        multipart(prompt="cat", box_threshold="1.5"),
+        422,
+        "invalid_input",
+        "box_threshold",
+    ),
+    (
+        "threshold-negative",
+        "/v1/segment",
+        as_json({"image": B64, "prompt": "cat", "text_threshold": -1}),
+        422,
+        "invalid_input",
+        "text_threshold",
+    ),
+    (
+        "threshold-not-number",
+        "/v1/detect",
+        multipart(prompt="cat", box_threshold="high"),
+        422,
+        "invalid_input",
+        "box_threshold",
+    ),
+    (
+        "degenerate-box",
+        "/v1/segment",
+        multipart(boxes="[[10, 10, 10, 20]]"),
+        422,
+        "invalid_input",
+        "degenerate",
+    ),
     ("box-outside", "/v1/segment", multipart(boxes="[[10, 10, 65, 20]]"), 422, "invalid_input", "outside"),
-    ("box-three-numbers", "/v1/segment", as_json({"image": B64, "boxes": [[1, 2, 3]]}), 422, "invalid_input", "boxes"),
+    (
+        "box-three-numbers",
+        "/v1/segment",
+        as_json({"image": B64, "boxes": [[1, 2, 3]]}),
+        422,
+        "invalid_input",
+        "boxes",
+    ),
     ("boxes-not-json", "/v1/segment", multipart(boxes="10,10,20,20"), 422, "invalid_input", "must be JSON"),
     ("point-label", "/v1/segment", multipart(points="[[5, 5, 2]]"), 422, "invalid_input", "label"),
     ("point-outside", "/v1/segment", multipart(points="[[5, 48, 1]]"), 422, "invalid_input", "outside"),
-    ("prompt-and-boxes", "/v1/segment", multipart(prompt="cat", boxes="[[1, 1, 5, 5]]"), 422, "invalid_input",
-     "only one"),
-    ("mask-format", "/v1/segment", multipart(prompt="cat", mask_format="bmp"), 422, "invalid_input", "mask_format"),
+    (
+        "prompt-and-boxes",
+        "/v1/segment",
+        multipart(prompt="cat", boxes="[[1, 1, 5, 5]]"),
+        422,
+        "invalid_input",
+        "only one",
+    ),
+    (
+        "mask-format",
+        "/v1/segment",
+        multipart(prompt="cat", mask_format="bmp"),
+        422,
+        "invalid_input",
+        "mask_format",
+    ),
     ("unknown-field", "/v1/detect", multipart(prompt="cat", colour="red"), 422, "invalid_input", "colour"),
-    ("boxes-on-detect", "/v1/detect", multipart(prompt="cat", boxes="[[1, 1, 5, 5]]"), 422, "invalid_input", "boxes"),
-    ("text-plain", "/v1/detect", {"content": b"cat", "headers": {"content-type": "text/plain"}}, 415,
-     "unsupported_media_type", "text/plain"),
+    (
+        "boxes-on-detect",
+        "/v1/detect",
+        multipart(prompt="cat", boxes="[[1, 1, 5, 5]]"),
+        422,
+        "invalid_input",
+        "boxes",
+    ),
+    (
+        "text-plain",
+        "/v1/detect",
+        {"content": b"cat", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
     ("no-content-type", "/v1/segment", {"content": b"cat"}, 415, "unsupported_media_type", "missing"),
 ]
 
 
-@pytest.mark.parametrize(("route", "request_kwargs", "status", "code", "words"),
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_gets_a_clear_json_error(server: ThreadServer, route: str, request_kwargs: dict[str, Any],
-                                           status: int, code: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("route", "request_kwargs", "status", "code", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_gets_a_clear_json_error(
+    server: ThreadServer, route: str, request_kwargs: dict[str, Any], status: int, code: str, words: str
+) -> None:
     response = httpx.post(server.url + route, timeout=10, **request_kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -98,7 +198,7 @@ def test_wrong_method_and_unknown_route_are_json_errors(server: ThreadServer) ->
 
 
 def test_after_all_that_a_good_request_still_works(server: ThreadServer) -> None:
-    for kind, route, request_kwargs, *_ in CASES:
+    for _, route, request_kwargs, *_ in CASES:
         httpx.post(server.url + route, timeout=10, **request_kwargs)
     good = httpx.post(server.url + "/v1/detect", timeout=10, **multipart(prompt="cat"))
     assert good.status_code == 200

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from support import FakeBackend, ThreadServer, image_bytes, make_settings, send_and_hang_up
 
+from support import FakeBackend, ThreadServer, image_bytes, make_settings, send_and_hang_up
 from tunnelvision.engine.backend import Backend
 from tunnelvision.errors import ModelUnavailable
 
@@ -19,8 +19,12 @@ PNG = image_bytes(64, 48)
 
 
 def segment(url: str, prompt: str = "cat", timeout: float = 30, **fields: Any) -> httpx.Response:
-    return httpx.post(f"{url}/v1/segment", files={"image": ("i.png", PNG, "image/png")},
-                      data={"prompt": prompt, **fields}, timeout=timeout)
+    return httpx.post(
+        f"{url}/v1/segment",
+        files={"image": ("i.png", PNG, "image/png")},
+        data={"prompt": prompt, **fields},
+        timeout=timeout,
+    )
 
 
 def stats(url: str) -> dict[str, Any]:

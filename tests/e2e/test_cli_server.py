@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
+
 from support import cli_server, free_port, image_bytes, send_and_hang_up, wait_until_ready
 
 pytestmark = pytest.mark.e2e
@@ -49,8 +50,12 @@ def wait_for(condition: Any, timeout_s: float = 20) -> None:
 
 
 def test_detect_returns_boxes_for_the_prompt(url: str) -> None:
-    body = {"image": base64.b64encode(PNG).decode(), "prompt": "forklift . person", "box_threshold": 0.0,
-            "max_detections": 5}
+    body = {
+        "image": base64.b64encode(PNG).decode(),
+        "prompt": "forklift . person",
+        "box_threshold": 0.0,
+        "max_detections": 5,
+    }
     response = httpx.post(f"{url}/v1/detect", json=body, timeout=60)
     assert response.status_code == 200, response.text
     data = response.json()
@@ -126,16 +131,20 @@ def animated() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("make", "size"), [
-    (lambda: converted("L", "PNG"), (90, 60)),
-    (lambda: converted("RGBA", "PNG"), (90, 60)),
-    (lambda: converted("CMYK", "JPEG"), (90, 60)),
-    (lambda: converted("P", "PNG"), (90, 60)),
-    (lambda: converted("RGB", "WEBP"), (90, 60)),
-    (sixteen_bit, (90, 60)),
-    (animated, (90, 60)),
-    (rotated_by_exif, (60, 90)),
-], ids=["gray", "rgba", "cmyk", "palette", "webp", "16bit", "animated", "exif-rotated"])
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [
+        (lambda: converted("L", "PNG"), (90, 60)),
+        (lambda: converted("RGBA", "PNG"), (90, 60)),
+        (lambda: converted("CMYK", "JPEG"), (90, 60)),
+        (lambda: converted("P", "PNG"), (90, 60)),
+        (lambda: converted("RGB", "WEBP"), (90, 60)),
+        (sixteen_bit, (90, 60)),
+        (animated, (90, 60)),
+        (rotated_by_exif, (60, 90)),
+    ],
+    ids=["gray", "rgba", "cmyk", "palette", "webp", "16bit", "animated", "exif-rotated"],
+)
 def test_image_kinds_are_accepted_and_converted(url: str, make: Any, size: tuple[int, int]) -> None:
     response = post(url, "/v1/segment", image=make(), prompt="cat", box_threshold="0", max_detections="1")
     assert response.status_code == 200, response.text
@@ -155,8 +164,13 @@ def burst(url: str, count: int, **fields: Any) -> list[httpx.Response]:
         return [f.result() for f in futures]
 
 
-HEAVY = {"prompt": "cat . dog", "box_threshold": "0", "max_detections": "30", "multimask": "true",
-         "mask_format": "none"}
+HEAVY = {
+    "prompt": "cat . dog",
+    "box_threshold": "0",
+    "max_detections": "30",
+    "multimask": "true",
+    "mask_format": "none",
+}
 
 
 def test_healthz_stays_fast_while_requests_saturate_the_worker(url: str) -> None:
@@ -223,15 +237,30 @@ def test_sigterm_finishes_running_work_fails_the_queued_and_exits(tiny_models: t
     assert process.returncode in (0, -signal.SIGTERM)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tunnelvision.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tunnelvision.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_missing_weights_fail_fast_with_the_remedies(tiny_models: tuple[Path, Path]) -> None:
     began = time.monotonic()
-    result = run_cli("serve", "--detector", "someone/uncached-detector", "--segmenter", str(tiny_models[1]),
-                     "--port", str(free_port()), env={"HF_HUB_OFFLINE": "1"})
+    result = run_cli(
+        "serve",
+        "--detector",
+        "someone/uncached-detector",
+        "--segmenter",
+        str(tiny_models[1]),
+        "--port",
+        str(free_port()),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 1
     assert time.monotonic() - began < 45
     assert "someone/uncached-detector" in result.stderr and "Cache folder" in result.stderr
@@ -246,8 +275,12 @@ def test_invalid_settings_are_refused_before_starting() -> None:
 def test_demo_mode_serves_random_models_and_says_so(tmp_path: Path) -> None:
     port = str(free_port())
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    process = subprocess.Popen([sys.executable, "-m", "tunnelvision.cli", "serve", "--demo", "--port", port],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunnelvision.cli", "serve", "--demo", "--port", port],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", process=process)
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["demo"] is True

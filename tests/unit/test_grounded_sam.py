@@ -11,7 +11,7 @@ import torch
 
 from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
 from tunnelvision.models.grounded_sam import GroundedSam, RawResult, phrase_token_spans
-from tunnelvision.schemas import DetectParams, RLE, Segmentation, SegmentParams
+from tunnelvision.schemas import RLE, DetectParams, Segmentation, SegmentParams
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +49,24 @@ def test_detections_carry_the_users_phrases_inside_the_image(backend: GroundedSa
 
 
 def test_thresholds_and_max_detections_filter(backend: GroundedSam, image: np.ndarray) -> None:
-    loose = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=1.0, max_detections=900))
+    loose = predict(
+        backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=1.0, max_detections=900)
+    )
     strict = [d for d in loose if d.score >= 0.9]
-    got = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.9, nms_iou=1.0, max_detections=900))
+    got = predict(
+        backend, image, DetectParams(prompt="cat", box_threshold=0.9, nms_iou=1.0, max_detections=900)
+    )
     assert len(got) == len(strict)
     assert len(predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, max_detections=2))) <= 2
 
 
 def test_nms_removes_overlapping_boxes_of_a_phrase(backend: GroundedSam, image: np.ndarray) -> None:
-    without = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=1.0, max_detections=900))
-    with_nms = predict(backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=0.1, max_detections=900))
+    without = predict(
+        backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=1.0, max_detections=900)
+    )
+    with_nms = predict(
+        backend, image, DetectParams(prompt="cat", box_threshold=0.0, nms_iou=0.1, max_detections=900)
+    )
     assert len(with_nms) < len(without)
 
 
@@ -71,7 +79,9 @@ def test_segment_by_text_gives_full_size_masks(backend: GroundedSam, image: np.n
         assert r.mask.size == [120, 160]
 
 
-def test_box_chunks_give_the_same_masks_as_one_call(tiny_models: tuple[Path, Path], image: np.ndarray) -> None:
+def test_box_chunks_give_the_same_masks_as_one_call(
+    tiny_models: tuple[Path, Path], image: np.ndarray
+) -> None:
     boxes = [[0, 0, 50, 50], [10, 10, 100, 80], [30, 5, 160, 120], [1, 1, 2, 2], [60, 60, 90, 110]]
     params = SegmentParams(boxes=boxes, mask_format="rle")
     chunked = GroundedSam(str(tiny_models[0]), str(tiny_models[1]), device="cpu", sam_chunk_size=2)
@@ -81,7 +91,9 @@ def test_box_chunks_give_the_same_masks_as_one_call(tiny_models: tuple[Path, Pat
     assert [r.box for r in a] == [[float(v) for v in box] for box in boxes]
 
 
-def test_multimask_keeps_the_mask_with_the_best_predicted_iou(backend: GroundedSam, image: np.ndarray) -> None:
+def test_multimask_keeps_the_mask_with_the_best_predicted_iou(
+    backend: GroundedSam, image: np.ndarray
+) -> None:
     prepared = backend.prepare(image, SegmentParams(boxes=[[0, 0, 80, 80]]))
     with torch.inference_mode():
         embeddings = backend.sam.get_image_embeddings(prepared.sam_pixels)
@@ -99,8 +111,9 @@ def test_points_give_one_mask_and_its_box(backend: GroundedSam, image: np.ndarra
     assert results[0].label is None and isinstance(results[0].mask, str)
 
 
-def test_no_detections_means_sam_is_never_called(backend: GroundedSam, image: np.ndarray,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_detections_means_sam_is_never_called(
+    backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     empty = RawResult(torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long), None, None)
     monkeypatch.setattr(backend, "_detect", lambda prepared, params: empty)
     monkeypatch.setattr(backend.sam, "get_image_embeddings", lambda *a: pytest.fail("SAM was called"))
@@ -108,7 +121,8 @@ def test_no_detections_means_sam_is_never_called(backend: GroundedSam, image: np
 
 
 def test_out_of_memory_frees_the_cache_and_becomes_a_retryable_error(
-        backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     freed = []
 
     def oom(*args: Any) -> None:

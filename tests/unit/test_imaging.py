@@ -6,8 +6,8 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from support import image_bytes
 
+from support import image_bytes
 from tunnelvision.errors import ImageTooLarge, InvalidImage, PayloadTooLarge
 from tunnelvision.imaging import decode_base64, decode_image
 
@@ -20,8 +20,18 @@ def encoded(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("mode", "fmt"), [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"),
-                                           ("CMYK", "JPEG"), ("P", "PNG"), ("LA", "PNG"), ("1", "PNG")])
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [
+        ("RGB", "JPEG"),
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("P", "PNG"),
+        ("LA", "PNG"),
+        ("1", "PNG"),
+    ],
+)
 def test_every_common_mode_becomes_rgb_uint8(mode: str, fmt: str) -> None:
     array = decode_image(image_bytes(40, 30, fmt=fmt, mode=mode), LIMIT)
     assert array.shape == (30, 40, 3)
@@ -62,8 +72,9 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
         decode_image(bomb, 1_000_000)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image at all", image_bytes(fmt="PNG")[:200],
-                                  image_bytes(fmt="JPEG")[:300]])
+@pytest.mark.parametrize(
+    "data", [b"", b"not an image at all", image_bytes(fmt="PNG")[:200], image_bytes(fmt="JPEG")[:300]]
+)
 def test_garbage_empty_and_truncated_data_are_invalid_images(data: bytes) -> None:
     with pytest.raises(InvalidImage):
         decode_image(data, LIMIT)

@@ -16,7 +16,7 @@ def test_local_folders_load_without_the_hub(tiny_models: tuple[Path, Path]) -> N
 def test_missing_or_empty_folders_fail_with_their_name(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="does not exist"):
         resolve_source(str(tmp_path / "nope"), "detector")
-    with pytest.raises(ModelUnavailable, match="no config.json"):
+    with pytest.raises(ModelUnavailable, match=r"no config\.json"):
         resolve_source(str(tmp_path), "segmenter")
 
 

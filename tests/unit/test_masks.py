@@ -52,7 +52,9 @@ def test_none_format_and_box_of_mask() -> None:
 
 
 def test_nms_is_class_aware() -> None:
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float)
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float
+    )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     classes = torch.tensor([0, 0, 1, 0])
     kept = batched_nms(boxes, scores, classes, 0.5).tolist()

@@ -51,9 +51,18 @@ def test_first_come_first_served_within_a_priority_and_interactive_before_backgr
     scheduler, gate, order = started(), Gate(), []
     scheduler.submit(gate, far())
     assert gate.entered.wait(5)
+
+    def record(name: str) -> Any:
+        return lambda replica: order.append(name)
+
     tasks = [
-        scheduler.submit(lambda r, n=name: order.append(n), far(), priority)
-        for name, priority in [("bg1", BACKGROUND), ("a", INTERACTIVE), ("bg2", BACKGROUND), ("b", INTERACTIVE)]
+        scheduler.submit(record(name), far(), priority)
+        for name, priority in [
+            ("bg1", BACKGROUND),
+            ("a", INTERACTIVE),
+            ("bg2", BACKGROUND),
+            ("b", INTERACTIVE),
+        ]
     ]
     gate.release.set()
     for task in tasks:
@@ -160,9 +169,10 @@ def test_a_dead_worker_fails_every_waiter_and_refuses_new_work() -> None:
     killer = scheduler.submit(fatal, far())
     waiting = [scheduler.submit(lambda r: "never", far()) for _ in range(3)]
     gate.release.set()
-    for task in [killer, *waiting]:
+    futures: list[Future[Any]] = [killer.future, *(t.future for t in waiting)]
+    for future in futures:
         with pytest.raises(WorkerUnavailable):
-            result(task.future)
+            result(future)
     assert not scheduler.healthy
     with pytest.raises(WorkerUnavailable):
         scheduler.submit(lambda r: None, far())

@@ -14,29 +14,35 @@ def test_prompts_are_normalised_to_lowercase_phrases() -> None:
         normalize_prompt(["a.b"])
 
 
-@pytest.mark.parametrize("fields", [
-    {},
-    {"prompt": " . "},
-    {"prompt": "cat", "box_threshold": 1.5},
-    {"prompt": "cat", "text_threshold": -0.1},
-    {"prompt": "cat", "max_detections": 0},
-    {"prompt": "cat", "unknown": 1},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"prompt": " . "},
+        {"prompt": "cat", "box_threshold": 1.5},
+        {"prompt": "cat", "text_threshold": -0.1},
+        {"prompt": "cat", "max_detections": 0},
+        {"prompt": "cat", "unknown": 1},
+    ],
+)
 def test_detect_params_refuse_bad_values(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         DetectRequestParams.model_validate(fields)
 
 
-@pytest.mark.parametrize("fields", [
-    {},
-    {"prompt": "cat", "boxes": [[0, 0, 5, 5]]},
-    {"boxes": [[5, 5, 5, 9]]},
-    {"boxes": [[-1, 0, 5, 9]]},
-    {"boxes": [[0, 0, 5]]},
-    {"points": [[1, 1, 2]]},
-    {"points": [[1, 1]]},
-    {"prompt": "cat", "mask_format": "bmp"},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"prompt": "cat", "boxes": [[0, 0, 5, 5]]},
+        {"boxes": [[5, 5, 5, 9]]},
+        {"boxes": [[-1, 0, 5, 9]]},
+        {"boxes": [[0, 0, 5]]},
+        {"points": [[1, 1, 2]]},
+        {"points": [[1, 1]]},
+        {"prompt": "cat", "mask_format": "bmp"},
+    ],
+)
 def test_segment_params_refuse_bad_prompts(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         SegmentParams.model_validate(fields)

@@ -56,11 +56,13 @@ def status_for(exc: TunnelvisionError) -> int:
 
 
 def request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+    rid = request.scope.get("state", {}).get("request_id")
+    return str(rid) if rid is not None else None
 
 
-def error_response(request: Request, status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "request_id": request_id(request)}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -87,8 +89,9 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug, not the client's fault: log the traceback, send only the request id."""
     log.exception("unhandled error in request %s", request_id(request), exc_info=exc)
-    return error_response(request, 500, "internal_error",
-                          "internal server error; quote the request_id when reporting it")
+    return error_response(
+        request, 500, "internal_error", "internal server error; quote the request_id when reporting it"
+    )
 
 
 def describe_validation_errors(errors: object) -> str:

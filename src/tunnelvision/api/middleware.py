@@ -37,7 +37,7 @@ class RequestIdMiddleware:
 
 
 def _incoming_id(scope: Scope) -> str | None:
-    headers = dict(scope.get("headers", []))
+    headers: dict[bytes, bytes] = dict(scope.get("headers", []))
     for name in (b"cf-ray", b"x-request-id"):
         value = headers.get(name, b"").decode("latin-1")
         if _SAFE_ID.match(value):
@@ -76,10 +76,23 @@ class BodyLimitMiddleware:
 
 async def _send_too_large(scope: Scope, send: Send, max_bytes: int) -> None:
     rid = scope.get("state", {}).get("request_id")
-    body: dict[str, Any] = {"error": {"code": "payload_too_large", "request_id": rid,
-                                      "message": f"request body is over the {max_bytes} byte limit"}}
+    body: dict[str, Any] = {
+        "error": {
+            "code": "payload_too_large",
+            "request_id": rid,
+            "message": f"request body is over the {max_bytes} byte limit",
+        }
+    }
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-        (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -88,14 +88,19 @@ class Engine:
 
     async def detect(self, image: bytes, params: DetectParams) -> DetectResponse:
         outcome = await self._process(image, params)
-        return DetectResponse(image=_image_info(outcome.image), detections=outcome.detections,
-                              timings_ms=outcome.timings_ms)
+        return DetectResponse(
+            image=_image_info(outcome.image), detections=outcome.detections, timings_ms=outcome.timings_ms
+        )
 
     async def segment(self, image: bytes, params: SegmentParams) -> SegmentResponse:
         outcome = await self._process(image, params)
         detections = [d for d in outcome.detections if isinstance(d, Segmentation)]
-        return SegmentResponse(image=_image_info(outcome.image), mask_format=params.mask_format,
-                               detections=detections, timings_ms=outcome.timings_ms)
+        return SegmentResponse(
+            image=_image_info(outcome.image),
+            mask_format=params.mask_format,
+            detections=detections,
+            timings_ms=outcome.timings_ms,
+        )
 
     async def warmup(self) -> None:
         """One pass through decode, both models and mask encoding, so the first user isn't slow."""
@@ -120,13 +125,16 @@ class Engine:
         t_submit = time.monotonic()
         raw, device_start, device_end = await self.scheduler.run(
             partial(_timed_run, prepared=prepared, params=params),
-            timeout_s=_remaining(deadline), priority=INTERACTIVE,
+            timeout_s=_remaining(deadline),
+            priority=INTERACTIVE,
         )
         detections = await self._on_cpu(partial(backend.finish, raw, params, prepared))
         done = time.monotonic()
         timings = {
-            "prepare": _ms(t_submit - t_prepare), "queue": _ms(device_start - t_submit),
-            "device": _ms(device_end - device_start), "finish": _ms(done - device_end),
+            "prepare": _ms(t_submit - t_prepare),
+            "queue": _ms(device_start - t_submit),
+            "device": _ms(device_end - device_start),
+            "finish": _ms(done - device_end),
             "total": _ms(done - started),
         }
         return _Outcome(image, detections, timings)

@@ -260,8 +260,14 @@ class Scheduler(Generic[R]):
 
 
 _COUNTERS = (
-    "submitted", "executed", "failed", "rejected", "dropped",
-    "dropped_expired", "dropped_cancelled", "dropped_shutdown",
+    "submitted",
+    "executed",
+    "failed",
+    "rejected",
+    "dropped",
+    "dropped_expired",
+    "dropped_cancelled",
+    "dropped_shutdown",
 )
 
 

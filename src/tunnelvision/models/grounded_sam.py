@@ -51,18 +51,27 @@ class RawResult:
 class GroundedSam:
     """One replica: both models on one device. Safe to `prepare`/`finish` from any thread."""
 
-    def __init__(self, detector: str, segmenter: str, device: str = "auto", dtype: str = "float32",
-                 sam_chunk_size: int = 64) -> None:
+    def __init__(
+        self,
+        detector: str,
+        segmenter: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        sam_chunk_size: int = 64,
+    ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.sam_chunk_size = sam_chunk_size
         det_src, seg_src = resolve_source(detector, "detector"), resolve_source(segmenter, "segmenter")
-        self.detector_processor = load_pretrained(AutoProcessor.from_pretrained, det_src, "detector",
-                                                  **processor_kwargs())
-        self.detector = self._to_device(load_pretrained(
-            AutoModelForZeroShotObjectDetection.from_pretrained, det_src, "detector"))
-        self.sam_processor = load_pretrained(AutoProcessor.from_pretrained, seg_src, "segmenter",
-                                             **processor_kwargs())
+        self.detector_processor = load_pretrained(
+            AutoProcessor.from_pretrained, det_src, "detector", **processor_kwargs()
+        )
+        self.detector = self._to_device(
+            load_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, det_src, "detector")
+        )
+        self.sam_processor = load_pretrained(
+            AutoProcessor.from_pretrained, seg_src, "segmenter", **processor_kwargs()
+        )
         self.sam = self._to_device(load_pretrained(SamModel.from_pretrained, seg_src, "segmenter"))
         self.max_text_tokens = int(getattr(self.detector.config, "max_text_len", 256))
         self.info = BackendInfo(detector, segmenter, str(self.device), dtype)
@@ -74,15 +83,16 @@ class GroundedSam:
 
     def prepare(self, image: RGBImage, params: DetectParams) -> Prepared:
         height, width = image.shape[:2]
-        segment = isinstance(params, SegmentParams)
         prepared = Prepared(height, width, None, [], None, (1.0, 1.0), None, None, None)
         if params.phrases:
             prepared.detector_inputs, prepared.phrase_spans = self._prepare_detector(image, params.phrases)
-        if segment:
+        if isinstance(params, SegmentParams):
             self._prepare_sam(image, params, prepared)
         return prepared
 
-    def _prepare_detector(self, image: RGBImage, phrases: list[str]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    def _prepare_detector(
+        self, image: RGBImage, phrases: list[str]
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
         text = ". ".join(phrases) + "."
         inputs = self.detector_processor(images=image, text=text, return_tensors="pt")
         ids = inputs["input_ids"][0].tolist()
@@ -139,7 +149,9 @@ class GroundedSam:
         kept = kept[: params.max_detections]
         return RawResult(boxes[kept].cpu(), scores[kept].cpu(), phrase_ids[kept].cpu(), None, None)
 
-    def _segment(self, prepared: Prepared, boxes: torch.Tensor, params: DetectParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def _segment(
+        self, prepared: Prepared, boxes: torch.Tensor, params: DetectParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         assert prepared.sam_pixels is not None
         multimask = isinstance(params, SegmentParams) and params.multimask
         embeddings = self.sam.get_image_embeddings(prepared.sam_pixels.to(self.device, self.dtype))
@@ -155,7 +167,9 @@ class GroundedSam:
         ]
         return torch.cat([m for m, _ in chunks]), torch.cat([s for _, s in chunks])
 
-    def _decode(self, embeddings: torch.Tensor, multimask: bool, **prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(
+        self, embeddings: torch.Tensor, multimask: bool, **prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.sam(image_embeddings=embeddings, multimask_output=multimask, **prompts)
         masks, ious = out.pred_masks[0].float(), out.iou_scores[0].float()  # (n, k, h, w), (n, k)
         best = ious.argmax(dim=1)
@@ -174,21 +188,30 @@ class GroundedSam:
             ]
         return self._finish_masks(raw, params, prepared, labels)
 
-    def _finish_masks(self, raw: RawResult, params: SegmentParams, prepared: Prepared, labels: list[str] | None) -> list[Detection]:
+    def _finish_masks(
+        self, raw: RawResult, params: SegmentParams, prepared: Prepared, labels: list[str] | None
+    ) -> list[Detection]:
         if raw.low_res_masks is None or raw.mask_scores is None:
             return []
         results: list[Detection] = []
         for i, low_res in enumerate(raw.low_res_masks):
             mask = self._upscale(low_res, prepared)  # one at a time: full-size masks add up fast
             box = _box(raw.boxes[i]) if prepared.points is None else mask_to_box(mask)
-            results.append(Segmentation(
-                label=labels[i] if labels else None, score=_score(raw.scores, i), box=box,
-                mask=encode_mask(mask, params.mask_format), mask_score=round(float(raw.mask_scores[i]), 4),
-            ))
+            results.append(
+                Segmentation(
+                    label=labels[i] if labels else None,
+                    score=_score(raw.scores, i),
+                    box=box,
+                    mask=encode_mask(mask, params.mask_format),
+                    mask_score=round(float(raw.mask_scores[i]), 4),
+                )
+            )
         return results
 
     def _upscale(self, low_res: torch.Tensor, prepared: Prepared) -> Any:
-        reshaped = [[round(prepared.height * prepared.sam_scale[1]), round(prepared.width * prepared.sam_scale[0])]]
+        reshaped = [
+            [round(prepared.height * prepared.sam_scale[1]), round(prepared.width * prepared.sam_scale[0])]
+        ]
         masks = self.sam_processor.post_process_masks(
             [low_res[None, None]], [[prepared.height, prepared.width]], reshaped
         )
@@ -212,8 +235,15 @@ def cxcywh_to_xyxy(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor
     cx, cy, w, h = boxes.unbind(-1)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
     xyxy = xyxy * torch.tensor([width, height, width, height], device=boxes.device)
-    return torch.stack([xyxy[:, 0].clamp(0, width), xyxy[:, 1].clamp(0, height),
-                        xyxy[:, 2].clamp(0, width), xyxy[:, 3].clamp(0, height)], dim=-1)
+    return torch.stack(
+        [
+            xyxy[:, 0].clamp(0, width),
+            xyxy[:, 1].clamp(0, height),
+            xyxy[:, 2].clamp(0, width),
+            xyxy[:, 3].clamp(0, height),
+        ],
+        dim=-1,
+    )
 
 
 def free_device_memory() -> None:

@@ -78,7 +78,9 @@ def _resolve_hub_id(repo_id: str, role: str) -> ModelSource:
     if isinstance(cached, str):
         return ModelSource(repo_id, repo_id, local_files_only=True)
     if constants.HF_HUB_OFFLINE:
-        raise ModelUnavailable(_unavailable_message(repo_id, role, "not in the cache and HF_HUB_OFFLINE is set"))
+        raise ModelUnavailable(
+            _unavailable_message(repo_id, role, "not in the cache and HF_HUB_OFFLINE is set")
+        )
     if not _hub_reachable(constants.ENDPOINT):
         raise ModelUnavailable(
             _unavailable_message(repo_id, role, f"not in the cache and {constants.ENDPOINT} is unreachable")

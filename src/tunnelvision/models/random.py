@@ -26,20 +26,16 @@ def build_vocab(vocab_size: int) -> dict[str, int]:
     """BERT-compatible vocabulary: the special ids where BERT has them, whole words, and
     letters plus '##letters' so any lowercase word tokenizes to word pieces, never [UNK]."""
     vocab = dict(_SPECIAL_IDS)
-    pieces = _WORDS + list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
-    pieces += list(string.digits) + [",", "-", "'", "!"]
-    next_id = 1040
-    for piece in pieces:
-        if piece not in vocab:
-            vocab[piece] = next_id
-            next_id += 1
-    filler = 0
-    while len(vocab) < vocab_size:  # fill the gaps so a full-size vocab has BERT's size
-        candidate = f"[unused{filler}]"
-        filler += 1
-        taken = set(vocab.values())
-        free = next(i for i in range(vocab_size) if i not in taken)
-        vocab[candidate] = free
+    letters = list(string.ascii_lowercase)
+    pieces = [*_WORDS, *letters, *(f"##{c}" for c in letters), *string.digits, ",", "-", "'", "!"]
+    for next_id, piece in enumerate(dict.fromkeys(p for p in pieces if p not in vocab), start=1040):
+        vocab[piece] = next_id
+    taken = set(vocab.values())
+    free_ids = (i for i in range(vocab_size) if i not in taken)
+    for filler, free in enumerate(free_ids):  # fill the gaps so a full-size vocab has BERT's size
+        if len(vocab) >= vocab_size:
+            break
+        vocab[f"[unused{filler}]"] = free
     return vocab
 
 
@@ -69,15 +65,28 @@ def write_random_detector(path: Path, size: Size) -> None:
     if size == "tiny":
         config = GroundingDinoConfig(
             backbone_config=SwinConfig(
-                embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                embed_dim=8,
+                depths=[1, 1, 1, 1],
+                num_heads=[1, 1, 2, 2],
+                window_size=4,
                 out_features=["stage2", "stage3", "stage4"],
             ),
             text_config=BertConfig(
-                vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
-                num_attention_heads=2, intermediate_size=32, max_position_embeddings=256,
+                vocab_size=vocab_size,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=256,
             ),
-            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=30,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_queries=30,
         )
         image_size = {"shortest_edge": 160, "longest_edge": 256}
     else:
@@ -99,16 +108,28 @@ def write_random_segmenter(path: Path, size: Size) -> None:
         image_size = 256
         config = SamConfig(
             vision_config={
-                "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "window_size": 4, "global_attn_indexes": [1], "image_size": image_size,
-                "mlp_dim": 64, "output_channels": 16, "num_pos_feats": 8,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "window_size": 4,
+                "global_attn_indexes": [1],
+                "image_size": image_size,
+                "mlp_dim": 64,
+                "output_channels": 16,
+                "num_pos_feats": 8,
             },
             prompt_encoder_config={
-                "hidden_size": 16, "image_size": image_size, "mask_input_channels": 4,
+                "hidden_size": 16,
+                "image_size": image_size,
+                "mask_input_channels": 4,
                 "image_embedding_size": image_size // 16,
             },
-            mask_decoder_config={"hidden_size": 16, "mlp_dim": 32, "num_attention_heads": 2,
-                                 "iou_head_hidden_dim": 16},
+            mask_decoder_config={
+                "hidden_size": 16,
+                "mlp_dim": 32,
+                "num_attention_heads": 2,
+                "iou_head_hidden_dim": 16,
+            },
         )
     else:
         image_size = 1024
