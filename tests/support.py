@@ -118,6 +118,19 @@ class ThreadServer:
         self.thread.join(30)
 
 
+def stats(url: str) -> dict[str, Any]:
+    """The scheduler's counters, as /readyz reports them."""
+    queue: dict[str, Any] = httpx.get(f"{url}/readyz", timeout=10).json()["queue"]
+    return queue
+
+
+def wait_for(condition: Any, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.02)
+
+
 def wait_until_ready(
     url: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None
 ) -> None:

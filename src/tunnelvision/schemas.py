@@ -140,13 +140,49 @@ class Segmentation(Detection):
     mask_score: float = Field(..., description="SAM's predicted IoU of the mask")
 
 
+_TIMINGS_EXAMPLE = {"decode": 6.1, "prepare": 9.8, "queue": 0.2, "device": 41.0, "finish": 3.4, "total": 61.2}
+
+
 class DetectResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "image": {"width": 1280, "height": 720},
+                    "detections": [{"label": "forklift", "score": 0.71, "box": [412.3, 188.0, 790.5, 601.2]}],
+                    "timings_ms": _TIMINGS_EXAMPLE,
+                }
+            ]
+        }
+    )
+
     image: ImageInfo
     detections: list[Detection]
     timings_ms: dict[str, float]
 
 
 class SegmentResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "image": {"width": 1280, "height": 720},
+                    "mask_format": "rle",
+                    "detections": [
+                        {
+                            "label": "forklift",
+                            "score": 0.71,
+                            "box": [412.3, 188.0, 790.5, 601.2],
+                            "mask": {"size": [720, 1280], "counts": "Xk`81k0N2O1N3M..."},
+                            "mask_score": 0.93,
+                        }
+                    ],
+                    "timings_ms": _TIMINGS_EXAMPLE,
+                }
+            ]
+        }
+    )
+
     image: ImageInfo
     mask_format: MaskFormat
     detections: list[Segmentation]

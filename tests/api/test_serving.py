@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import FakeBackend, ThreadServer, image_bytes, make_settings, send_and_hang_up
+from support import FakeBackend, ThreadServer, image_bytes, make_settings, send_and_hang_up, stats, wait_for
 from tunnelvision.engine.backend import Backend
 from tunnelvision.errors import ModelUnavailable
 
@@ -25,18 +25,6 @@ def segment(url: str, prompt: str = "cat", timeout: float = 30, **fields: Any) -
         data={"prompt": prompt, **fields},
         timeout=timeout,
     )
-
-
-def stats(url: str) -> dict[str, Any]:
-    queue: dict[str, Any] = httpx.get(f"{url}/readyz").json()["queue"]
-    return queue
-
-
-def wait_for(condition: Any, timeout_s: float = 10) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_multipart_and_json_give_the_same_answer(server: ThreadServer) -> None:
@@ -137,6 +125,7 @@ def test_a_dead_worker_fails_its_waiters_and_readiness(server: ThreadServer, fak
         first = pool.submit(segment, server.url, "slow cat")
         assert fake.started.wait(5)
         killer = pool.submit(segment, server.url, "die")
+        wait_for(lambda: stats(server.url)["queued"] == 1)  # in this order: the killer runs first
         waiter = pool.submit(segment, server.url, "cat")
         wait_for(lambda: stats(server.url)["queued"] == 2)
         assert first.result().status_code == 200

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from support import cli_server, free_port, image_bytes, send_and_hang_up, wait_until_ready
+from support import cli_server, free_port, image_bytes, send_and_hang_up, stats, wait_for, wait_until_ready
 
 pytestmark = pytest.mark.e2e
 PNG = image_bytes(160, 120)
@@ -35,18 +35,6 @@ def url(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 
 def post(url: str, route: str, image: bytes = PNG, timeout: float = 60, **fields: Any) -> httpx.Response:
     return httpx.post(f"{url}{route}", files={"image": ("image", image)}, data=fields, timeout=timeout)
-
-
-def stats(url: str) -> dict[str, Any]:
-    queue: dict[str, Any] = httpx.get(f"{url}/readyz", timeout=10).json()["queue"]
-    return queue
-
-
-def wait_for(condition: Any, timeout_s: float = 20) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_detect_returns_boxes_for_the_prompt(url: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -15,8 +15,10 @@ from tunnelvision.api.deps import SettingsDep, StateDep
 from tunnelvision.api.errors import ClientDisconnected
 from tunnelvision.api.openapi import ERROR_RESPONSES, request_body
 from tunnelvision.api.parsing import read_prediction_request
+from tunnelvision.engine.engine import Engine
 from tunnelvision.schemas import (
     DetectJSONRequest,
+    DetectParams,
     DetectRequestParams,
     DetectResponse,
     SegmentJSONRequest,
@@ -28,32 +30,48 @@ router = APIRouter(prefix="/v1", tags=["predict"])
 T = TypeVar("T")
 
 
-@router.post(
+def add_prediction_route(
+    path: str,
+    summary: str,
+    params_model: type[DetectParams],
+    json_model: type[BaseModel],
+    response_model: type[BaseModel],
+    run: Callable[[Engine, bytes, Any], Coroutine[Any, Any, BaseModel]],
+) -> None:
+    async def predict(request: Request, state: StateDep, settings: SettingsDep) -> Response:
+        engine = state.ready_engine()
+        image, params = await read_prediction_request(request, params_model, settings.max_body_bytes)
+        result = await until_disconnected(request, run(engine, image, params))
+        return await json_response(result)
+
+    router.add_api_route(
+        path,
+        predict,
+        methods=["POST"],
+        name=path.strip("/"),
+        summary=summary,
+        response_model=response_model,
+        responses=ERROR_RESPONSES,
+        openapi_extra=request_body(params_model, json_model),
+    )
+
+
+add_prediction_route(
     "/detect",
-    response_model=DetectResponse,
-    summary="Boxes for the phrases of a text prompt (GroundingDINO)",
-    openapi_extra=request_body(DetectRequestParams, DetectJSONRequest),
-    responses=ERROR_RESPONSES,
+    "Boxes for the phrases of a text prompt (GroundingDINO)",
+    DetectRequestParams,
+    DetectJSONRequest,
+    DetectResponse,
+    Engine.detect,
 )
-async def detect(request: Request, state: StateDep, settings: SettingsDep) -> Response:
-    engine = state.ready_engine()
-    image, params = await read_prediction_request(request, DetectRequestParams, settings.max_body_bytes)
-    result = await until_disconnected(request, engine.detect(image, params))
-    return await json_response(result)
-
-
-@router.post(
+add_prediction_route(
     "/segment",
-    response_model=SegmentResponse,
-    summary="Masks from a text prompt (GroundingDINO + SAM), from boxes or from points (SAM)",
-    openapi_extra=request_body(SegmentParams, SegmentJSONRequest),
-    responses=ERROR_RESPONSES,
+    "Masks from a text prompt (GroundingDINO + SAM), from boxes or from points (SAM)",
+    SegmentParams,
+    SegmentJSONRequest,
+    SegmentResponse,
+    Engine.segment,
 )
-async def segment(request: Request, state: StateDep, settings: SettingsDep) -> Response:
-    engine = state.ready_engine()
-    image, params = await read_prediction_request(request, SegmentParams, settings.max_body_bytes)
-    result = await until_disconnected(request, engine.segment(image, params))
-    return await json_response(result)
 
 
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
