@@ -33,7 +33,12 @@ def free_port() -> int:
 
 def make_settings(**overrides: Any) -> Settings:
     """Test settings: a free port, no warm-up; anything else as given."""
-    values: dict[str, Any] = {"port": free_port(), "warmup": False, "deadline_s": 30.0}
+    values: dict[str, Any] = {
+        "port": free_port(),
+        "warmup": False,
+        "deadline_s": 30.0,
+        "keys_file": "/nonexistent/tunnelvision-keys.json",
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -189,6 +194,12 @@ def cli_server(
         str(segmenter),
         "--port",
         str(port),
+        "--keys-file",
+        "/nonexistent/tunnelvision-keys.json",
+        "--rate-limit-per-minute",  # limits have their own tests; here they would only interfere
+        "0",
+        "--max-inflight-per-client",
+        "0",
         "--log-level",
         "warning",
         *extra,
@@ -205,3 +216,73 @@ def cli_server(
         if process.poll() is None:
             process.kill()
         process.wait(10)
+
+
+class JwksServer:
+    """A Cloudflare Access certs endpoint on 127.0.0.1 whose keys the test can rotate."""
+
+    def __init__(self) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.keys: dict[str, Any] = {}  # kid -> private key
+        self.fetches = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                body = json.dumps(outer.jwks()).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cdn-cgi/access/certs"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add_key(self, kid: str) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwks(self) -> dict[str, Any]:
+        import json
+
+        from jwt.algorithms import RSAAlgorithm
+
+        keys = []
+        for kid, private in self.keys.items():
+            jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+            keys.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
+        return {"keys": keys}
+
+    def token(
+        self,
+        kid: str,
+        team: str = "team",
+        aud: str = "aud-tag",
+        expires_in: float = 300,
+        email: str = "ana@example.com",
+        private: Any = None,
+    ) -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {
+            "iss": f"https://{team}.cloudflareaccess.com",
+            "aud": [aud],
+            "email": email,
+            "sub": "user-id",
+            "iat": now,
+            "exp": now + int(expires_in),
+        }
+        return jwt.encode(claims, private or self.keys[kid], algorithm="RS256", headers={"kid": kid})
+
+    def close(self) -> None:
+        self.httpd.shutdown()

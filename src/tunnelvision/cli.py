@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from tunnelvision import __version__
 from tunnelvision.config import Settings
+from tunnelvision.security.keys import KeyCommandError, KeyStore
 
 log = logging.getLogger("tunnelvision")
 
@@ -48,7 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     random.add_argument("--seed", type=int, default=0)
     random.set_defaults(handler=run_models_random)
+
+    add_keys_commands(commands)
     return parser
+
+
+def add_keys_commands(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="API keys: add, list, revoke")
+    keys.add_argument(
+        "--keys-file",
+        type=Path,
+        default=None,
+        help="default: TUNNELVISION_KEYS_FILE or ~/.config/tunnelvision/keys.json",
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = key_commands.add_parser("add", help="create a key; it is printed once, only its hash is kept")
+    add.add_argument("name")
+    add.set_defaults(handler=run_keys_add)
+    key_commands.add_parser("list", help="names, hints and dates (never the keys)").set_defaults(
+        handler=run_keys_list
+    )
+    revoke = key_commands.add_parser("revoke", help="stop a key working (no restart needed)")
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=run_keys_revoke)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +115,41 @@ def run_models_random(args: argparse.Namespace) -> int:
 
     detector, segmenter = write_random_models(args.out, args.size, args.seed)
     print(f"wrote {detector} and {segmenter} ({args.size}, random weights)")
+    return 0
+
+
+def key_store(args: argparse.Namespace) -> KeyStore:
+    return KeyStore(args.keys_file or Settings().keys_file)
+
+
+def run_keys_add(args: argparse.Namespace) -> int:
+    store = key_store(args)
+    try:
+        key = store.add(args.name)
+    except KeyCommandError as exc:
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"Key '{args.name}' added to {store.path}. It is shown only now: store it safely.", file=sys.stderr)
+    return 0
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    entries = key_store(args).entries()
+    for entry in entries:
+        print(f"{entry.name}\t{entry.hint}...\t{entry.created}")
+    if not entries:
+        print("no keys", file=sys.stderr)
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    try:
+        key_store(args).revoke(args.name)
+    except KeyCommandError as exc:
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked '{args.name}'", file=sys.stderr)
     return 0
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Cloudflare answers 524 when a response has not started within 125 s (notes/cloudflare.md).
@@ -13,6 +14,7 @@ CLOUDFLARE_READ_TIMEOUT_S = 125.0
 CLOUDFLARED_KEEPALIVE_S = 90
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+AuthPolicy = Literal["auto", "keys", "access", "either", "both"]
 
 
 class Settings(BaseSettings):
@@ -50,6 +52,62 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one pass through both models before ready")
     demo: bool = Field(False, description="serve tiny random-weight models (outputs are meaningless)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    access_log: bool = Field(True, description="one JSON line per request (never the key itself)")
+
+    # -- exposure: authentication, limits, proxies ---------------------------------------------
+    auth: AuthPolicy = Field(
+        "auto", description="auto (whatever is configured), keys, access, either or both"
+    )
+    keys_file: Path = Field(
+        default_factory=lambda: Path.home() / ".config" / "tunnelvision" / "keys.json",
+        description="API key hashes (`tunnelvision keys add`); keys are required when it exists",
+    )
+    access_team_domain: str = Field(
+        "", description="Cloudflare Access team, e.g. myteam(.cloudflareaccess.com)"
+    )
+    access_aud: str = Field("", description="Cloudflare Access application AUD tag")
+    access_certs_url: str = Field("", description="JWKS URL override (default: the team's certs URL)")
+    access_jwks_cooldown_s: float = Field(
+        30.0, ge=0, description="least seconds between JWKS refreshes on an unknown key id"
+    )
+    insecure_no_auth: bool = Field(
+        False, description="allow a non-loopback bind without authentication (warned at every start)"
+    )
+    public_docs: bool = Field(True, description="serve /docs and /openapi.json without authentication")
+    rate_limit_per_minute: float = Field(
+        600.0, ge=0, description="requests per minute per key (per client address if anonymous); 0: off"
+    )
+    rate_limit_burst: int = Field(60, ge=1, description="requests a client may send at once")
+    max_inflight_per_client: int = Field(
+        16, ge=0, description="requests one client may have queued or running; 0: no cap"
+    )
+    trusted_proxies: str = Field(
+        "127.0.0.1/8,::1/128",
+        description="peers whose CF-Connecting-IP / X-Forwarded-For are believed (comma-separated)",
+    )
+    cors_origins: str = Field("", description="browser origins allowed by CORS (comma-separated); none")
+
+    @model_validator(mode="after")
+    def _access_policy_needs_access_settings(self) -> Settings:
+        if self.auth in ("access", "either", "both") and not self.access_configured:
+            raise ValueError(f"auth={self.auth} needs access_team_domain and access_aud")
+        return self
+
+    @property
+    def access_configured(self) -> bool:
+        return bool(self.access_team_domain and self.access_aud)
+
+    @property
+    def keys_configured(self) -> bool:
+        return self.keys_file.expanduser().is_file()
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return _comma_list(self.trusted_proxies)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return _comma_list(self.cors_origins)
 
     @field_validator("deadline_s")
     @classmethod
@@ -60,3 +118,7 @@ class Settings(BaseSettings):
                 "or clients get 524 instead of a JSON error"
             )
         return value
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]

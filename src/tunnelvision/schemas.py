@@ -140,7 +140,14 @@ class Segmentation(Detection):
     mask_score: float = Field(..., description="SAM's predicted IoU of the mask")
 
 
-_TIMINGS_EXAMPLE: dict[str, Any] = {"decode": 6.1, "prepare": 9.8, "queue": 0.2, "device": 41.0, "finish": 3.4, "total": 61.2}
+_TIMINGS_EXAMPLE: dict[str, Any] = {
+    "decode": 6.1,
+    "prepare": 9.8,
+    "queue": 0.2,
+    "device": 41.0,
+    "finish": 3.4,
+    "total": 61.2,
+}
 
 
 class DetectResponse(BaseModel):

@@ -11,6 +11,7 @@ import uvicorn
 from tunnelvision.api.app import create_app
 from tunnelvision.api.state import AppState
 from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
+from tunnelvision.exposure import UnsafeExposure, check_exposure
 
 log = logging.getLogger("tunnelvision")
 
@@ -41,6 +42,13 @@ class GracefulServer(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    try:
+        warning = check_exposure(settings)
+    except UnsafeExposure as exc:
+        log.error("%s", exc)
+        return 2
+    if warning:
+        log.warning("%s", warning)
     if settings.keep_alive_s <= CLOUDFLARED_KEEPALIVE_S:
         log.warning(
             "keep_alive_s=%s is not above cloudflared's %s s pool: expect sporadic 502s",
@@ -57,6 +65,7 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_keep_alive=settings.keep_alive_s,
         server_header=False,
+        access_log=False,  # ours is structured and knows the key name: AccessLogMiddleware
         timeout_graceful_shutdown=int(settings.deadline_s) + 5,
     )
     server = GracefulServer(config, state)
@@ -67,3 +76,9 @@ def serve(settings: Settings) -> int:
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("tunnelvision.access")  # JSON lines, nothing around them
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+    access.setLevel(logging.INFO)

@@ -277,3 +277,50 @@ def test_demo_mode_serves_random_models_and_says_so(tmp_path: Path) -> None:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
     assert "DEMO MODE" in output and "RANDOM-WEIGHT" in output
+
+
+def test_public_bind_without_auth_is_refused_at_start(tmp_path: Path) -> None:
+    keys_file = str(tmp_path / "none.json")
+    refused = run_cli("serve", "--host", "0.0.0.0", "--keys-file", keys_file, "--demo")
+    assert refused.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without authentication" in refused.stderr
+
+
+def test_keys_cli_round_trip_against_a_running_server(tiny_models: tuple[Path, Path], tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    added = run_cli("keys", "--keys-file", str(keys_file), "add", "ci")
+    assert added.returncode == 0
+    key = added.stdout.strip()
+    assert key.startswith("tv_") and key not in keys_file.read_text()
+    assert "ci\t" in run_cli("keys", "--keys-file", str(keys_file), "list").stdout
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "tunnelvision.cli",
+        "serve",
+        "--detector",
+        str(tiny_models[0]),
+        "--segmenter",
+        str(tiny_models[1]),
+        "--port",
+        str(port),
+        "--keys-file",
+        str(keys_file),
+        "--host",
+        "127.0.0.1",
+        "--no-warmup",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, process=process)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert run_cli("keys", "--keys-file", str(keys_file), "revoke", "ci").returncode == 0
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=30)[1].decode()
+    assert key not in log
+    assert '"principal": "key:ci"' in log  # the structured access log names the key, not the key

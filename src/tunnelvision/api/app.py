@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from tunnelvision import __version__
 from tunnelvision.api.errors import install_error_handlers
-from tunnelvision.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from tunnelvision.api.guard import GuardMiddleware
+from tunnelvision.api.middleware import AccessLogMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from tunnelvision.api.routes import health, predict
 from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import Settings
@@ -47,11 +50,27 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app = FastAPI(title="tunnelvision", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.tunnelvision = state
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response, even a 413, has an id
+    add_middleware(app, settings)
     app.include_router(health.router)
     app.include_router(predict.router)
     return app
+
+
+def add_middleware(app: FastAPI, settings: Settings) -> None:
+    """Added innermost first: the request passes them in the reverse order."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, settings=settings)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    if settings.access_log:
+        app.add_middleware(AccessLogMiddleware, logger=logging.getLogger("tunnelvision.access"))
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, even a 413, has an id
 
 
 def app_from_env() -> FastAPI:

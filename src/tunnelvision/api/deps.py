@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer
 
 from tunnelvision.api.state import AppState
 from tunnelvision.config import Settings
@@ -21,3 +22,10 @@ def get_settings(state: Annotated[AppState, Depends(get_state)]) -> Settings:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+# Documentation only (the "Authorize" button in /docs): GuardMiddleware enforces authentication.
+DOCUMENTED_AUTH = [
+    Security(HTTPBearer(auto_error=False, description="an API key from `tunnelvision keys add`")),
+    Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="the same key, another header")),
+]

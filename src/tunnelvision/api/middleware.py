@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -58,7 +60,8 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_too_large(scope, send, self.max_bytes)
+            message = f"request body is over the {self.max_bytes} byte limit"
+            await send_json_error(scope, send, 413, "payload_too_large", message, {"Connection": "close"})
             return
         received = 0
 
@@ -74,25 +77,56 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
-async def _send_too_large(scope: Scope, send: Send, max_bytes: int) -> None:
+async def send_json_error(
+    scope: Scope, send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """An error in our JSON shape, from middleware (outside FastAPI's exception handlers)."""
     rid = scope.get("state", {}).get("request_id")
-    body: dict[str, Any] = {
-        "error": {
-            "code": "payload_too_large",
-            "request_id": rid,
-            "message": f"request body is over the {max_bytes} byte limit",
-        }
-    }
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "request_id": rid}}
     payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+class AccessLogMiddleware:
+    """One JSON line per request: who (key name, never the key), from where, what, how long."""
+
+    def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
+        self.app = app
+        self.log = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.log.info(json.dumps(access_record(scope, status, started)))
+
+
+def access_record(scope: Scope, status: int, started: float) -> dict[str, Any]:
+    state = scope.get("state", {})
+    timings = state.get("timings_ms", {})
+    return {
+        "request_id": state.get("request_id"),
+        "method": scope.get("method"),
+        "path": scope.get("path"),
+        "status": status,
+        "duration_ms": round((time.monotonic() - started) * 1000, 2),
+        "client": state.get("client"),
+        "principal": state.get("principal"),
+        "queue_ms": timings.get("queue"),
+        "device_ms": timings.get("device"),
+    }

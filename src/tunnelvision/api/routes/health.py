@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from tunnelvision.api.deps import StateDep
+from tunnelvision.api.deps import DOCUMENTED_AUTH, StateDep
 from tunnelvision.schemas import ErrorResponse, ModelInfo, ModelsResponse
 
 router = APIRouter(tags=["health"])
@@ -32,7 +32,12 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse({"error": error, **body}, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/v1/models", response_model=ModelsResponse, summary="The models being served")
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    summary="The models being served",
+    dependencies=DOCUMENTED_AUTH,
+)
 async def models(state: StateDep) -> ModelsResponse:
     info = state.ready_engine().info
     return ModelsResponse(

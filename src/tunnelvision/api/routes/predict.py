@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from tunnelvision.api.deps import SettingsDep, StateDep
+from tunnelvision.api.deps import DOCUMENTED_AUTH, SettingsDep, StateDep
 from tunnelvision.api.errors import ClientDisconnected
 from tunnelvision.api.openapi import ERROR_RESPONSES, request_body
 from tunnelvision.api.parsing import read_prediction_request
@@ -26,7 +26,7 @@ from tunnelvision.schemas import (
     SegmentResponse,
 )
 
-router = APIRouter(prefix="/v1", tags=["predict"])
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=DOCUMENTED_AUTH)
 T = TypeVar("T")
 
 
@@ -42,6 +42,7 @@ def add_prediction_route(
         engine = state.ready_engine()
         image, params = await read_prediction_request(request, params_model, settings.max_body_bytes)
         result = await until_disconnected(request, run(engine, image, params))
+        request.state.timings_ms = getattr(result, "timings_ms", {})  # for the access log
         return await json_response(result)
 
     router.add_api_route(

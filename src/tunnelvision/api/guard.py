@@ -1,0 +1,166 @@
+"""Who may call, how often, how much at once: one ASGI middleware in front of the routes.
+
+Order of checks: client address (proxy trust) -> authentication -> rate limit -> in-flight cap.
+None of it reads the body, so a refused client costs no upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tunnelvision.api.middleware import send_json_error
+from tunnelvision.config import Settings
+from tunnelvision.security.access import AccessDenied, AccessVerifier
+from tunnelvision.security.keys import KeyStore
+from tunnelvision.security.proxy import client_address, parse_networks
+from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter, retry_after_header
+
+ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz"})
+DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+WWW_AUTHENTICATE = 'Bearer realm="tunnelvision"'
+
+
+class Unauthorized(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Credentials:
+    api_key: str | None
+    access_token: str | None
+
+    @classmethod
+    def from_headers(cls, headers: Headers) -> Credentials:
+        key = headers.get("x-api-key")
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if key is None and scheme.lower() == "bearer" and value.strip():
+            key = value.strip()
+        return cls(key or None, headers.get("cf-access-jwt-assertion") or None)
+
+
+class Authenticator:
+    """Applies the `auth` policy. In `auto`, keys are required as soon as the keys file exists."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.policy = settings.auth
+        self.keys = KeyStore(settings.keys_file)
+        self.access = (
+            AccessVerifier(
+                settings.access_team_domain,
+                settings.access_aud,
+                settings.access_certs_url,
+                settings.access_jwks_cooldown_s,
+            )
+            if settings.access_configured
+            else None
+        )
+
+    def effective_policy(self) -> str:
+        if self.policy != "auto":
+            return self.policy
+        keys_on = self.keys.path.is_file()
+        if keys_on and self.access is not None:
+            return "either"
+        return "keys" if keys_on else "access" if self.access is not None else "none"
+
+    async def authenticate(self, credentials: Credentials) -> str | None:
+        """The caller's name ('key:NAME', 'access:EMAIL'), None when no auth is configured."""
+        policy = self.effective_policy()
+        if policy == "none":
+            return None
+        via_key = self._check_key(credentials.api_key) if policy != "access" else None
+        via_access = await self._check_access(credentials.access_token) if policy != "keys" else None
+        if policy == "both":
+            if via_key is None or via_access is None:
+                raise Unauthorized("this server needs both an API key and a Cloudflare Access login")
+            return via_key
+        name = via_key or via_access
+        if name is None:
+            raise Unauthorized(_missing_message(policy, credentials))
+        return name
+
+    def _check_key(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        name = self.keys.verify(key)
+        if name is None:
+            raise Unauthorized("invalid API key")
+        return f"key:{name}"
+
+    async def _check_access(self, token: str | None) -> str | None:
+        if token is None or self.access is None:
+            return None
+        try:
+            identity = await asyncio.to_thread(self.access.verify, token)
+        except AccessDenied as exc:
+            raise Unauthorized(str(exc)) from None
+        return f"access:{identity.subject}"
+
+
+def _missing_message(policy: str, credentials: Credentials) -> str:
+    if policy == "access":
+        return "a Cloudflare Access login is required (no Cf-Access-Jwt-Assertion header)"
+    return "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.public = ALWAYS_PUBLIC | (DOCS if settings.public_docs else frozenset())
+        self.trusted = parse_networks(settings.trusted_proxy_list)
+        self.auth = Authenticator(settings)
+        rate = settings.rate_limit_per_minute / 60
+        self.rate = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
+        self.inflight = (
+            InflightLimiter(settings.max_inflight_per_client) if settings.max_inflight_per_client else None
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        state = scope.setdefault("state", {})
+        peer = scope["client"][0] if scope.get("client") else None
+        state["client"] = client_address(peer, headers, self.trusted)
+        if scope["path"] in self.public:
+            await self.app(scope, receive, send)
+            return
+        try:
+            state["principal"] = await self.auth.authenticate(Credentials.from_headers(headers))
+        except Unauthorized as exc:
+            await send_json_error(
+                scope, send, 401, "unauthorized", exc.message, {"WWW-Authenticate": WWW_AUTHENTICATE}
+            )
+            return
+        await self._limited(scope, receive, send, state["principal"] or f"ip:{state['client']}")
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, client: str) -> None:
+        wait_s = self.rate.acquire(client) if self.rate else 0.0
+        if wait_s > 0:
+            await send_json_error(
+                scope,
+                send,
+                429,
+                "rate_limited",
+                "too many requests; slow down",
+                {"Retry-After": retry_after_header(wait_s)},
+            )
+            return
+        if self.inflight is None:
+            await self.app(scope, receive, send)
+            return
+        if not self.inflight.try_enter(client):
+            message = f"at most {self.inflight.cap} requests of one client may wait at once"
+            await send_json_error(scope, send, 429, "too_many_inflight", message, {"Retry-After": "1"})
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight.leave(client)

@@ -1,0 +1,1 @@
+"""Authentication, rate limits and proxy trust: plain Python, no web framework."""
