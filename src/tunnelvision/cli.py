@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     random.set_defaults(handler=run_models_random)
 
     add_keys_commands(commands)
+    add_tunnel_commands(commands)
+    add_doctor_command(commands)
     return parser
 
 
@@ -116,6 +118,102 @@ def run_models_random(args: argparse.Namespace) -> int:
     detector, segmenter = write_random_models(args.out, args.size, args.seed)
     print(f"wrote {detector} and {segmenter} ({args.size}, random weights)")
     return 0
+
+
+def add_tunnel_commands(commands: Any) -> None:
+    tunnel = commands.add_parser("tunnel", help="Cloudflare Tunnel: config.yml, systemd units, quick tunnel")
+    tunnel_commands = tunnel.add_subparsers(dest="tunnel_command", required=True)
+    config = tunnel_commands.add_parser("config", help="write cloudflared's config.yml")
+    config.add_argument("--hostname", required=True, help="public hostname, e.g. api.example.com")
+    config.add_argument("--tunnel", required=True, help="tunnel UUID (`cloudflared tunnel list`)")
+    config.add_argument("--credentials-file", required=True, help="the tunnel's credentials JSON")
+    config.add_argument("--port", type=int, default=8000, help="the API's port (default 8000)")
+    config.add_argument("--metrics", default="127.0.0.1:20241", help="cloudflared metrics address")
+    config.add_argument("--out", type=Path, default=None, help="file to write (default: print it)")
+    config.set_defaults(handler=run_tunnel_config)
+    systemd = tunnel_commands.add_parser("systemd", help="write the API's systemd unit and env file")
+    systemd.add_argument("--out-dir", type=Path, default=Path("."), help="where to write them")
+    systemd.add_argument("--user", default="tunnelvision", help="the service's user")
+    systemd.add_argument(
+        "--exec", dest="exec_path", default=None, help="the tunnelvision executable (default: this one)"
+    )
+    systemd.set_defaults(handler=run_tunnel_systemd)
+    quick = tunnel_commands.add_parser("quick", help="a throwaway trycloudflare.com URL (needs cloudflared)")
+    quick.add_argument("--port", type=int, default=8000)
+    quick.set_defaults(handler=run_tunnel_quick)
+
+
+def add_doctor_command(commands: Any) -> None:
+    doctor = commands.add_parser("doctor", help="why does the public URL fail? checks with remedies")
+    doctor.add_argument("--port", type=int, default=None, help="the API's port (default: settings, 8000)")
+    doctor.add_argument("--public-url", default=None, help="e.g. https://api.example.com")
+    doctor.add_argument("--metrics", default=None, help="cloudflared metrics host:port")
+    doctor.add_argument("--config", type=Path, default=None, help="cloudflared config.yml to check")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(handler=run_doctor)
+
+
+def run_tunnel_config(args: argparse.Namespace) -> int:
+    from tunnelvision.tunnel.config import (
+        TunnelConfigError,
+        build_config,
+        render_config,
+        validate_with_cloudflared,
+    )
+
+    try:
+        text = render_config(
+            build_config(args.hostname, args.tunnel, args.credentials_file, args.port, args.metrics)
+        )
+    except TunnelConfigError as exc:
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        print(text, end="")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    verdict = validate_with_cloudflared(args.out)
+    if verdict is None:
+        print(
+            "cloudflared is not installed here; validate later with `cloudflared tunnel ingress validate`",
+            file=sys.stderr,
+        )
+        return 0
+    print(verdict[1], file=sys.stderr)
+    return 0 if verdict[0] else 1
+
+
+def run_tunnel_systemd(args: argparse.Namespace) -> int:
+    import shutil
+
+    from tunnelvision.tunnel.systemd import api_unit, env_file, next_steps
+
+    settings = Settings()
+    exec_path = args.exec_path or shutil.which("tunnelvision") or f"{sys.executable} -m tunnelvision.cli"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    unit, env = args.out_dir / "tunnelvision.service", args.out_dir / "tunnelvision.env"
+    unit.write_text(api_unit(exec_path, args.user, settings))
+    env.write_text(env_file(settings))
+    print(f"wrote {unit} and {env}\n\n{next_steps(str(unit), str(env))}")
+    return 0
+
+
+def run_tunnel_quick(args: argparse.Namespace) -> int:
+    from tunnelvision.tunnel.quick import run_quick_tunnel
+
+    return run_quick_tunnel(args.port)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from tunnelvision.tunnel.doctor import DoctorOptions, all_ok, render, run_checks
+
+    settings = Settings()
+    options = DoctorOptions(args.port or settings.port, args.public_url, args.metrics, args.config, settings)
+    checks = run_checks(options)
+    print(render(checks, args.json))
+    return 0 if all_ok(checks) else 1
 
 
 def key_store(args: argparse.Namespace) -> KeyStore:

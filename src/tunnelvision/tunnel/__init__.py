@@ -1,0 +1,1 @@
+"""Cloudflare Tunnel tooling: cloudflared config, systemd units, quick tunnels, doctor."""

@@ -1,0 +1,308 @@
+"""`tunnelvision doctor`: why does the public URL fail? Each check says ✓ or ✗ and what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
+from tunnelvision.exposure import auth_configured, is_loopback
+from tunnelvision.tunnel.config import ingress_problems
+
+METRICS_PORTS = range(20241, 20246)  # where cloudflared puts its metrics server by default
+CONFIG_PATHS = [
+    Path("~/.cloudflared/config.yml"),
+    Path("/etc/cloudflared/config.yml"),
+    Path("/usr/local/etc/cloudflared/config.yml"),
+]
+INSTALL_HINT = (
+    "install cloudflared: Debian/Ubuntu via Cloudflare's apt repository "
+    "(pkg.cloudflare.com), or the .deb from github.com/cloudflare/cloudflared/releases, "
+    "or the cloudflare/cloudflared Docker image"
+)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: not applicable here (skipped)
+    detail: str
+    remedy: str = ""
+
+
+@dataclass
+class DoctorOptions:
+    port: int
+    public_url: str | None = None
+    metrics: str | None = None  # host:port of cloudflared's metrics server
+    config: Path | None = None
+    settings: Settings = field(default_factory=Settings)
+
+
+def run_checks(options: DoctorOptions) -> list[Check]:
+    checks = check_local_server(options.port)
+    checks += [check_keep_alive(options.settings), check_bind(options.settings), check_auth(options.settings)]
+    checks += [
+        check_cloudflared_installed(),
+        check_cloudflared_service(),
+        check_cloudflared_ready(options.metrics),
+    ]
+    checks.append(check_config(options.config, options.port))
+    if options.public_url:
+        checks.append(check_public_url(options.public_url, options.port))
+    return checks
+
+
+# -- the local API ---------------------------------------------------------------------------
+
+
+def check_local_server(port: int) -> list[Check]:
+    base = f"http://127.0.0.1:{port}"
+    try:
+        health = httpx.get(f"{base}/healthz", timeout=3)
+    except httpx.HTTPError:
+        return [
+            Check(
+                "api",
+                False,
+                f"nothing answers on {base}",
+                "start it: `tunnelvision serve` (or `sudo systemctl start tunnelvision`); check --port",
+            )
+        ]
+    if health.status_code != 200:
+        return [Check("api", False, f"{base}/healthz answered {health.status_code}", "is this tunnelvision?")]
+    ready = httpx.get(f"{base}/readyz", timeout=3)
+    if ready.status_code == 200:
+        return [Check("api", True, f"{base} is up and ready")]
+    reason = _error_message(ready)
+    return [
+        Check(
+            "api",
+            False,
+            f"{base} is up but not ready: {reason}",
+            "wait for the models to load, or read the server log for the load error",
+        )
+    ]
+
+
+def check_keep_alive(settings: Settings) -> Check:
+    if settings.keep_alive_s > CLOUDFLARED_KEEPALIVE_S:
+        return Check(
+            "keep-alive", True, f"{settings.keep_alive_s} s, above cloudflared's {CLOUDFLARED_KEEPALIVE_S} s"
+        )
+    return Check(
+        "keep-alive",
+        False,
+        f"{settings.keep_alive_s} s is not above cloudflared's "
+        f"{CLOUDFLARED_KEEPALIVE_S} s pool: expect sporadic 502s",
+        "set --keep-alive-s 120",
+    )
+
+
+def check_bind(settings: Settings) -> Check:
+    if is_loopback(settings.host):
+        return Check("bind", True, f"{settings.host}: reachable only through the tunnel")
+    return Check(
+        "bind",
+        auth_configured(settings),
+        f"{settings.host}: reachable from the network too",
+        "bind to 127.0.0.1 unless other hosts must call it directly",
+    )
+
+
+def check_auth(settings: Settings) -> Check:
+    kinds = [
+        k
+        for k, on in (
+            ("API keys", settings.keys_configured),
+            ("Cloudflare Access", settings.access_configured),
+        )
+        if on
+    ]
+    if kinds:
+        return Check("auth", True, " and ".join(kinds))
+    return Check(
+        "auth",
+        False,
+        "no authentication: through the tunnel anyone can use your GPU",
+        "`tunnelvision keys add NAME`, or put the hostname behind Cloudflare Access",
+    )
+
+
+# -- cloudflared -----------------------------------------------------------------------------
+
+
+def check_cloudflared_installed() -> Check:
+    binary = shutil.which("cloudflared")
+    if binary is None:  # not a failure by itself: it may run in Docker (deploy/compose.yaml)
+        return Check("cloudflared", None, "not installed on this host (fine if it runs in a container)")
+    result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    return Check("cloudflared", True, (result.stdout or result.stderr).strip().splitlines()[0])
+
+
+def check_cloudflared_service(run: Callable[..., Any] = subprocess.run) -> Check:
+    if shutil.which("systemctl") is None or shutil.which("cloudflared") is None:
+        return Check("cloudflared service", None, "no systemd-managed cloudflared on this host")
+    result = run(
+        ["systemctl", "is-active", "cloudflared"], capture_output=True, text=True, timeout=10, check=False
+    )
+    state = result.stdout.strip() or "unknown"
+    if "not been booted with systemd" in result.stderr:
+        return Check("cloudflared service", None, "systemd is not running here")
+    if state == "active":
+        return Check("cloudflared service", True, "active")
+    return Check(
+        "cloudflared service",
+        False,
+        f"cloudflared.service is {state}",
+        "`sudo cloudflared service install <TOKEN>` (dashboard tunnels) or "
+        "`sudo systemctl start cloudflared`; `journalctl -u cloudflared` says why it stopped",
+    )
+
+
+def check_cloudflared_ready(metrics: str | None) -> Check:
+    candidates = [metrics] if metrics else [f"127.0.0.1:{port}" for port in METRICS_PORTS]
+    for address in candidates:
+        try:
+            response = httpx.get(f"http://{address}/ready", timeout=2)
+        except httpx.HTTPError:
+            continue
+        return _readiness(address, response)
+    remedy = (
+        "cloudflared is not running, or runs without --metrics (add `metrics: 127.0.0.1:20241` "
+        "to config.yml, or pass --metrics to doctor)"
+    )
+    if shutil.which("cloudflared") is None:
+        remedy += f"; to run it on this host, {INSTALL_HINT}"
+    return Check("tunnel connection", False, f"no cloudflared metrics at {', '.join(candidates)}", remedy)
+
+
+def _readiness(address: str, response: httpx.Response) -> Check:
+    try:
+        connections = int(response.json().get("readyConnections", 0))
+    except (ValueError, AttributeError):
+        connections = 0
+    if response.status_code == 200 and connections > 0:
+        return Check("tunnel connection", True, f"{connections} connection(s) to Cloudflare's edge")
+    return Check(
+        "tunnel connection",
+        False,
+        f"cloudflared ({address}) has no connection to Cloudflare's edge: visitors get error 1033",
+        "check outbound access to port 7844; `journalctl -u cloudflared`; if it says "
+        "'failed to dial to edge with quic', run cloudflared with --protocol http2",
+    )
+
+
+def check_config(path: Path | None, port: int) -> Check:
+    found = path or next((p.expanduser() for p in CONFIG_PATHS if p.expanduser().is_file()), None)
+    if found is None:
+        return Check(
+            "config.yml", None, "none found (a dashboard/token tunnel keeps its routes at Cloudflare)"
+        )
+    try:
+        config = yaml.safe_load(found.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        return Check("config.yml", False, f"{found}: cannot be read: {exc}", "fix the YAML")
+    problems = ingress_problems(config, port)
+    if problems:
+        return Check(
+            "config.yml",
+            False,
+            f"{found}: " + "; ".join(problems),
+            f"regenerate it: `tunnelvision tunnel config --port {port} ...`",
+        )
+    return Check("config.yml", True, f"{found}: routes to port {port}, catch-all last")
+
+
+# -- the public URL --------------------------------------------------------------------------
+
+
+def check_public_url(url: str, port: int) -> Check:
+    target = url.rstrip("/") + "/healthz"
+    try:
+        response = httpx.get(target, timeout=20, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        return Check(
+            "public URL",
+            False,
+            f"{target}: {type(exc).__name__}: {exc}",
+            "check the hostname's DNS record (a CNAME to <UUID>.cfargotunnel.com) and spelling",
+        )
+    return classify_public_answer(target, response, port)
+
+
+def classify_public_answer(target: str, response: httpx.Response, port: int) -> Check:
+    status, body = response.status_code, response.text[:2000]
+    if status == 200:
+        return Check("public URL", True, f"{target} answers 200")
+    if status == 530 or "1033" in body:
+        return Check(
+            "public URL",
+            False,
+            f"{target}: {status} / error 1033: Cloudflare cannot reach the tunnel",
+            "cloudflared is not running or not connected: see the cloudflared checks above",
+        )
+    if status == 502:
+        return Check(
+            "public URL",
+            False,
+            f"{target}: 502: the tunnel is up but the API did not answer",
+            f"is tunnelvision running on 127.0.0.1:{port}, and does the ingress service point there?",
+        )
+    if status == 524:
+        return Check(
+            "public URL",
+            False,
+            f"{target}: 524: the API took longer than Cloudflare's 125 s",
+            "keep --deadline-s under 125; look for a stuck device in the server log",
+        )
+    if status in (401, 403):
+        return Check(
+            "public URL",
+            False,
+            f"{target}: {status}: refused before reaching the API "
+            "(tunnelvision's /healthz is public, so this is Cloudflare Access or a WAF rule)",
+            "add an Access bypass policy for /healthz, or test with a service token",
+        )
+    if status == 404:
+        return Check(
+            "public URL",
+            False,
+            f"{target}: 404: the hostname is not routed to the API",
+            "the ingress rule's hostname must match the URL exactly",
+        )
+    return Check("public URL", False, f"{target}: unexpected {status}", "see the server and cloudflared logs")
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def render(checks: list[Check], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"ok": all_ok(checks), "checks": [asdict(c) for c in checks]}, indent=2)
+    lines = []
+    for check in checks:
+        mark = {True: "✓", False: "✗", None: "-"}[check.ok]
+        lines.append(f"{mark} {check.name}: {check.detail}")
+        if check.ok is False and check.remedy:
+            lines.append(f"    → {check.remedy}")
+    return "\n".join(lines)
+
+
+def all_ok(checks: list[Check]) -> bool:
+    return all(check.ok is not False for check in checks)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"status {response.status_code}"

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import configparser
+
+import httpx
+import pytest
+import yaml
+
+from support import make_settings
+from tunnelvision.tunnel.config import TunnelConfigError, build_config, ingress_problems, render_config
+from tunnelvision.tunnel.doctor import classify_public_answer
+from tunnelvision.tunnel.systemd import api_unit, env_file
+
+UUID = "6ff42ae2-765d-4adf-8112-31c55c1551ef"
+
+
+def test_generated_config_routes_the_hostname_to_the_port_with_a_catch_all_last() -> None:
+    text = render_config(build_config("API.example.com", UUID, f"/etc/cloudflared/{UUID}.json", 8123))
+    config = yaml.safe_load(text)
+    assert config["tunnel"] == UUID and config["credentials-file"].endswith(".json")
+    assert config["ingress"] == [
+        {"hostname": "api.example.com", "service": "http://127.0.0.1:8123"},
+        {"service": "http_status:404"},
+    ]
+    assert config["originRequest"]["keepAliveTimeout"] == "90s"  # below the API's 120 s keep-alive
+    assert config["metrics"] == "127.0.0.1:20241"
+    assert ingress_problems(config, 8123) == []
+
+
+@pytest.mark.parametrize(("hostname", "tunnel"), [("not a host", UUID), ("api.example.com", "1234")])
+def test_bad_hostname_or_tunnel_id_is_refused(hostname: str, tunnel: str) -> None:
+    with pytest.raises(TunnelConfigError):
+        build_config(hostname, tunnel, "c.json", 8000)
+
+
+def test_ingress_problems_are_named() -> None:
+    no_catch_all = {"ingress": [{"hostname": "a.example.com", "service": "http://127.0.0.1:8000"}]}
+    assert "catch-all" in ingress_problems(no_catch_all, 8000)[0]
+    wrong_port = {
+        "ingress": [
+            {"hostname": "a.example.com", "service": "http://localhost:9000"},
+            {"service": "http_status:404"},
+        ]
+    }
+    assert "127.0.0.1:8000" in ingress_problems(wrong_port, 8000)[0]
+    assert ingress_problems({}, 8000) == ["no ingress rules"]
+
+
+def test_systemd_unit_restarts_waits_for_network_and_reads_an_env_file() -> None:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(api_unit("/opt/tv/bin/tunnelvision", "tv", make_settings()))
+    assert parser["Unit"]["After"] == "network-online.target"
+    assert parser["Service"]["Restart"] == "always"
+    assert parser["Service"]["ExecStart"] == "/opt/tv/bin/tunnelvision serve"
+    assert parser["Service"]["EnvironmentFile"].endswith("tunnelvision.env")
+    assert int(parser["Service"]["TimeoutStopSec"]) > 30  # the running request may finish
+    assert parser["Install"]["WantedBy"] == "multi-user.target"
+    assert "TUNNELVISION_HOST=127.0.0.1" in env_file(make_settings())
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "words"),
+    [
+        (200, '{"status": "ok"}', "answers 200"),
+        (502, "Bad gateway", "API did not answer"),
+        (530, "error code: 1033", "cannot reach the tunnel"),
+        (403, "error code: 1033", "cannot reach the tunnel"),
+        (524, "A timeout occurred", "125 s"),
+        (401, "Unauthorized", "Cloudflare Access"),
+        (404, "Not Found", "not routed"),
+    ],
+)
+def test_public_answers_are_classified(status: int, body: str, words: str) -> None:
+    check = classify_public_answer("https://api.example.com/healthz", httpx.Response(status, text=body), 8000)
+    assert words in check.detail
+    assert check.ok is (status == 200)
