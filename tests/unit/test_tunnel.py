@@ -56,7 +56,8 @@ def test_systemd_unit_restarts_waits_for_network_and_reads_an_env_file() -> None
     assert parser["Service"]["EnvironmentFile"].endswith("tunnelvision.env")
     assert int(parser["Service"]["TimeoutStopSec"]) > 30  # the running request may finish
     assert parser["Install"]["WantedBy"] == "multi-user.target"
-    assert "TUNNELVISION_HOST=127.0.0.1" in env_file(make_settings())
+    env = env_file(make_settings())
+    assert "TUNNELVISION_HOST=127.0.0.1" in env and "TUNNELVISION_AUTH=keys" in env
 
 
 @pytest.mark.parametrize(

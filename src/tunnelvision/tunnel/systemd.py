@@ -32,11 +32,19 @@ WantedBy=multi-user.target
 """
 
 
+KEYS_FILE = "/etc/tunnelvision/keys.json"
+
+
 def env_file(settings: Settings) -> str:
     lines = ["# tunnelvision settings (see `tunnelvision serve --help`); one TUNNELVISION_NAME=value a line"]
-    for name in ("detector", "segmenter", "device", "dtype", "host", "port", "keys_file"):
+    for name in ("detector", "segmenter", "device", "dtype", "host", "port"):
         lines.append(f"TUNNELVISION_{name.upper()}={getattr(settings, name)}")
-    lines.append("# HF_HOME=/var/cache/huggingface")
+    lines += [
+        "# Behind a tunnel the API is public: require keys, even before the first one exists.",
+        "TUNNELVISION_AUTH=keys",
+        f"TUNNELVISION_KEYS_FILE={KEYS_FILE}",
+        "# HF_HOME=/var/cache/huggingface",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -44,6 +52,8 @@ def next_steps(unit_path: str, env_path: str) -> str:
     return f"""Next steps:
   sudo install -D -m 644 {unit_path} /etc/systemd/system/tunnelvision.service
   sudo install -D -m 640 {env_path} {ENV_FILE}
+  sudo tunnelvision keys --keys-file {KEYS_FILE} add me    # prints the key once
+  sudo chown <service user> {KEYS_FILE}
   sudo systemctl daemon-reload && sudo systemctl enable --now tunnelvision
 
 cloudflared, token route (tunnel created in the Cloudflare dashboard):

@@ -1,0 +1,50 @@
+"""The deployment files say what DEPLOY.md promises (no Docker engine runs here to build them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compose_runs_the_api_on_a_gpu_and_cloudflared_after_it_is_healthy() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    api, tunnel = compose["services"]["tunnelvision"], compose["services"]["cloudflared"]
+    (device,) = api["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert api["environment"]["TUNNELVISION_AUTH"] == "keys"
+    assert any(v.endswith(":/home/tunnelvision/.cache/huggingface") for v in api["volumes"])
+    assert tunnel["image"].startswith("cloudflare/cloudflared")
+    assert tunnel["command"].split()[0] == "tunnel" and tunnel["command"].split()[-1] == "run"
+    assert "TUNNEL_TOKEN" in tunnel["environment"]
+    assert tunnel["depends_on"]["tunnelvision"]["condition"] == "service_healthy"
+    assert tunnel["network_mode"] == "service:tunnelvision"
+
+
+def test_dockerfile_uses_cuda_a_non_root_user_and_a_healthcheck() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+runtime", dockerfile, re.M)
+    assert re.search(r"download\.pytorch\.org/whl/cu\d+", dockerfile)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", dockerfile, re.M)
+    assert 'VOLUME ["/home/tunnelvision/.cache/huggingface"]' in dockerfile
+    assert dockerfile.strip().endswith('CMD ["tunnelvision", "serve"]')
+
+
+def test_deploy_guide_covers_both_routes_and_the_error_table() -> None:
+    guide = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for words in (
+        "cloudflared service install <TOKEN>",
+        "tunnelvision tunnel config",
+        "**502",
+        "**1033**",
+        "**524**",
+        "**413**",
+        "**429**",
+        "tunnelvision doctor",
+    ):
+        assert words in guide, words
