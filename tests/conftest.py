@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import FakeBackend, ThreadServer, make_settings
+from support import FakeBackend, JwksServer, ThreadServer, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,12 @@ def fake() -> FakeBackend:
 def server(fake: FakeBackend) -> Iterator[ThreadServer]:
     with ThreadServer(make_settings(max_body_bytes=200_000, max_image_pixels=1_000_000), fake) as srv:
         yield srv
+
+
+@pytest.fixture
+def jwks() -> Iterator[JwksServer]:
+    """A Cloudflare Access certs endpoint on 127.0.0.1 with one key, 'kid-1'."""
+    server = JwksServer()
+    server.add_key("kid-1")
+    yield server
+    server.close()

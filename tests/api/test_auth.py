@@ -107,14 +107,6 @@ def test_openapi_offers_both_key_headers(keyed: ThreadServer) -> None:
     assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
 
 
-@pytest.fixture
-def jwks() -> Iterator[JwksServer]:
-    server = JwksServer()
-    server.add_key("kid-1")
-    yield server
-    server.close()
-
-
 def access_settings(jwks: JwksServer, **extra: Any) -> Any:
     return make_settings(
         access_team_domain="team",

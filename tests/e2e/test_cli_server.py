@@ -293,34 +293,13 @@ def test_keys_cli_round_trip_against_a_running_server(tiny_models: tuple[Path, P
     key = added.stdout.strip()
     assert key.startswith("tv_") and key not in keys_file.read_text()
     assert "ci\t" in run_cli("keys", "--keys-file", str(keys_file), "list").stdout
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "tunnelvision.cli",
-        "serve",
-        "--detector",
-        str(tiny_models[0]),
-        "--segmenter",
-        str(tiny_models[1]),
-        "--port",
-        str(port),
-        "--keys-file",
-        str(keys_file),
-        "--host",
-        "127.0.0.1",
-        "--no-warmup",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, process=process)
+    log_path = tmp_path / "serve.log"
+    with cli_server(*tiny_models, "--keys-file", str(keys_file), "--no-warmup", log=log_path) as (url, _):
         assert httpx.get(f"{url}/v1/models").status_code == 401
-        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/v1/models", headers=bearer).status_code == 200
         assert run_cli("keys", "--keys-file", str(keys_file), "revoke", "ci").returncode == 0
-        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
-    finally:
-        process.terminate()
-        log = process.communicate(timeout=30)[1].decode()
+        assert httpx.get(f"{url}/v1/models", headers=bearer).status_code == 401
+    log = log_path.read_text()
     assert key not in log
     assert '"principal": "key:ci"' in log  # the structured access log names the key, not the key

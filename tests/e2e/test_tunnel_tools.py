@@ -74,6 +74,24 @@ def tunnelvision(
     )
 
 
+def write_config(out: Path, port: int, path_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return tunnelvision(
+        "tunnel",
+        "config",
+        "--hostname",
+        "api.example.com",
+        "--tunnel",
+        UUID,
+        "--credentials-file",
+        "c.json",
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+        path_dir=path_dir,
+    )
+
+
 def doctor_json(*args: str, **kwargs: Any) -> tuple[int, dict[str, dict[str, Any]]]:
     result = tunnelvision("doctor", "--json", *args, **kwargs)
     report = json.loads(result.stdout)
@@ -113,23 +131,7 @@ def test_doctor_passes_when_everything_answers(canned: list[Canned], tmp_path: P
     keys.write_text('{"keys": []}')
     with ThreadServer(make_settings(), FakeBackend()) as api:
         config = tmp_path / "config.yml"
-        assert (
-            tunnelvision(
-                "tunnel",
-                "config",
-                "--hostname",
-                "api.example.com",
-                "--tunnel",
-                UUID,
-                "--credentials-file",
-                "c.json",
-                "--port",
-                str(api.port),
-                "--out",
-                str(config),
-            ).returncode
-            == 0
-        )
+        assert write_config(config, api.port).returncode == 0
         edge = serve_canned(canned, 200, '{"status": "ok"}')
         result = tunnelvision(
             "doctor",
@@ -193,19 +195,7 @@ def test_tunnel_config_is_validated_by_cloudflared_when_installed(tmp_path: Path
         tmp_path / "bin", 'echo "$@" > "$(dirname "$0")/args"; echo "Validating rules"'
     )
     out = tmp_path / "config.yml"
-    result = tunnelvision(
-        "tunnel",
-        "config",
-        "--hostname",
-        "api.example.com",
-        "--tunnel",
-        UUID,
-        "--credentials-file",
-        "c.json",
-        "--out",
-        str(out),
-        path_dir=bin_dir,
-    )
+    result = write_config(out, 8000, path_dir=bin_dir)
     assert result.returncode == 0 and "Validating rules" in result.stderr
     assert (bin_dir / "args").read_text().split() == ["tunnel", "--config", str(out), "ingress", "validate"]
     bad = tunnelvision("tunnel", "config", "--hostname", "nope", "--tunnel", UUID, "--credentials-file", "c")

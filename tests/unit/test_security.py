@@ -4,7 +4,6 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,14 +89,6 @@ def test_non_loopback_bind_without_auth_is_refused_unless_insecure(tmp_path: Pat
     KeyStore(keys).add("a")
     assert check_exposure(make_settings(host="0.0.0.0", keys_file=keys)) is None
     assert check_exposure(make_settings(host="0.0.0.0", access_team_domain="t", access_aud="x")) is None
-
-
-@pytest.fixture
-def jwks() -> Iterator[JwksServer]:
-    server = JwksServer()
-    server.add_key("kid-1")
-    yield server
-    server.close()
 
 
 def verifier(jwks: JwksServer) -> AccessVerifier:
