@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from tunnelvision.engine.scheduler import BACKGROUND, INTERACTIVE, Scheduler
-from tunnelvision.errors import DeadlineExceeded, QueueFull, ShuttingDown, WorkerUnavailable
+from tunnelvision.errors import (
+    DeadlineExceeded,
+    DeviceOutOfMemory,
+    QueueFull,
+    ShuttingDown,
+    WorkerUnavailable,
+)
 
 
 class Gate:
@@ -219,3 +225,107 @@ def test_retry_after_grows_with_the_queue() -> None:
     gate.release.set()
     for task in queued:
         result(task.future)
+
+
+class Recorder:
+    """A batch runner that records the batches it gets and can be told to fail."""
+
+    def __init__(self, fail_over: int | None = None, oom_over: int | None = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.fail_over, self.oom_over = fail_over, oom_over
+
+    def __call__(self, replica: Any, items: list[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        if self.oom_over is not None and len(items) > self.oom_over:
+            raise DeviceOutOfMemory("out of memory")
+        if self.fail_over is not None and len(items) > self.fail_over:
+            raise RuntimeError("the whole batch failed")
+        return [
+            ValueError(f"bad {item}") if str(item).startswith("bad") else f"done {item}" for item in items
+        ]
+
+
+def batching(runner: Recorder, max_batch: int = 4, wait_s: float = 0.2) -> Scheduler[str]:
+    scheduler: Scheduler[str] = Scheduler(["r"], 32, runner=runner, max_batch=max_batch, batch_wait_s=wait_s)
+    scheduler.start()
+    return scheduler
+
+
+def test_tasks_with_the_same_key_share_a_batch_and_other_keys_wait() -> None:
+    runner = Recorder()
+    scheduler = batching(runner)
+    tasks = [
+        scheduler.submit(name, far(), key=key)
+        for name, key in [("a1", "A"), ("b1", "B"), ("a2", "A"), ("a3", "A"), ("n1", None), ("n2", None)]
+    ]
+    assert [result(t.future) for t in tasks] == [
+        "done a1",
+        "done b1",
+        "done a2",
+        "done a3",
+        "done n1",
+        "done n2",
+    ]
+    assert runner.batches == [["a1", "a2", "a3"], ["b1"], ["n1"], ["n2"]]
+    assert scheduler.stats()["batches"] == 4
+
+
+def test_the_worker_waits_at_most_batch_wait_for_company() -> None:
+    runner = Recorder()
+    scheduler = batching(runner, wait_s=0.3)
+    began = time.monotonic()
+    first = scheduler.submit("a1", far(), key="A")
+    time.sleep(0.1)
+    second = scheduler.submit("a2", far(), key="A")
+    assert (result(first.future), result(second.future)) == ("done a1", "done a2")
+    assert runner.batches == [["a1", "a2"]]
+    assert 0.25 < time.monotonic() - began < 2
+
+
+def test_a_full_batch_starts_without_waiting() -> None:
+    runner = Recorder()
+    scheduler, gate = batching(runner, max_batch=2, wait_s=5.0), Gate()
+    began = time.monotonic()
+    tasks = [scheduler.submit(name, far(), key="A") for name in ("a1", "a2")]
+    [result(t.future) for t in tasks]
+    assert time.monotonic() - began < 2
+    gate.release.set()
+
+
+def test_a_bad_item_fails_alone_inside_a_batch() -> None:
+    scheduler = batching(Recorder())
+    tasks = [scheduler.submit(name, far(), key="A") for name in ("a1", "bad2", "a3")]
+    assert result(tasks[0].future) == "done a1" and result(tasks[2].future) == "done a3"
+    with pytest.raises(ValueError, match="bad2"):
+        result(tasks[1].future)
+
+
+def test_a_failing_batch_is_retried_item_by_item() -> None:
+    runner = Recorder(fail_over=1)
+    scheduler = batching(runner)
+    tasks = [scheduler.submit(name, far(), key="A") for name in ("a1", "a2", "a3")]
+    assert [result(t.future) for t in tasks] == ["done a1", "done a2", "done a3"]
+    assert runner.batches == [["a1", "a2", "a3"], ["a1"], ["a2"], ["a3"]]
+    assert scheduler.stats()["batch_retries_single"] == 1
+
+
+def test_out_of_memory_splits_the_batch_before_failing_anything() -> None:
+    runner = Recorder(oom_over=1)
+    scheduler = batching(runner)
+    tasks = [scheduler.submit(name, far(), key="A") for name in ("a1", "a2", "a3", "a4")]
+    assert [result(t.future) for t in tasks] == ["done a1", "done a2", "done a3", "done a4"]
+    assert runner.batches[0] == ["a1", "a2", "a3", "a4"]
+    assert ["a1"] in runner.batches and ["a4"] in runner.batches
+    assert scheduler.stats()["batch_splits_oom"] == 3  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
+
+
+def test_a_batch_is_built_only_from_tasks_still_wanted() -> None:
+    runner = Recorder()
+    scheduler = batching(runner, wait_s=0.5)
+    first = scheduler.submit("a1", far(), key="A")
+    doomed = scheduler.submit("a2", time.monotonic() + 0.05, key="A")
+    time.sleep(0.1)
+    assert result(first.future) == "done a1"
+    with pytest.raises(DeadlineExceeded):
+        result(doomed.future)
+    assert all("a2" not in batch for batch in runner.batches)

@@ -14,13 +14,14 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from tunnelvision.errors import (
     DeadlineExceeded,
+    DeviceOutOfMemory,
     QueueFull,
     ShuttingDown,
     TunnelvisionError,
@@ -37,13 +38,31 @@ BACKGROUND = 10
 
 
 @dataclass(eq=False)
-class Task(Generic[R, T]):
-    work: Callable[[R], T]
+class Task(Generic[T]):
+    item: Any  # what the runner gets
     deadline: float
     priority: int
     enqueued_at: float
+    key: Hashable | None = None  # tasks with equal keys may share one device pass; None: never
     future: Future[T] = field(default_factory=Future)
     state: str = "queued"
+
+
+# Runs a batch of items on a replica; returns one result per item, in order. A result that is an
+# exception instance fails that item only. Raising fails the batch: it is then split and retried.
+BatchRunner = Callable[[R, list[Any]], list[Any]]
+BatchObserver = Callable[[int, float, list[float]], None]  # size, device seconds, queue waits
+
+
+def run_each(replica: Any, items: list[Any]) -> list[Any]:
+    """The default runner: items are callables taking the replica, run one after another."""
+    results: list[Any] = []
+    for item in items:
+        try:
+            results.append(item(replica))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 class Scheduler(Generic[R]):
@@ -53,15 +72,23 @@ class Scheduler(Generic[R]):
         self,
         replicas: Sequence[R],
         max_queue: int,
+        runner: BatchRunner[R] = run_each,
+        max_batch: int = 1,
+        batch_wait_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         name: str = "device",
+        on_batch: BatchObserver | None = None,
     ) -> None:
         self._replicas = list(replicas)
         self._max_queue = max_queue
+        self._runner = runner
+        self._max_batch = max_batch
+        self._batch_wait_s = batch_wait_s
+        self._on_batch = on_batch
         self._clock = clock
         self._name = name
         self._cond = threading.Condition()
-        self._heap: list[tuple[int, int, Task[R, Any]]] = []
+        self._heap: list[tuple[int, int, Task[Any]]] = []
         self._order = itertools.count()
         self._queued = 0
         self._running = 0
@@ -104,9 +131,9 @@ class Scheduler(Generic[R]):
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, work: Callable[[R], T], deadline: float, priority: int = 0) -> Task[R, T]:
+    def submit(self, item: Any, deadline: float, priority: int = 0, key: Hashable | None = None) -> Task[Any]:
         """Admission is decided now: a full queue raises QueueFull at once."""
-        task: Task[R, T] = Task(work, deadline, priority, self._clock())
+        task: Task[Any] = Task(item, deadline, priority, self._clock(), key)
         with self._cond:
             self._check_admission()
             heapq.heappush(self._heap, (priority, next(self._order), task))
@@ -115,9 +142,9 @@ class Scheduler(Generic[R]):
             self._cond.notify()
         return task
 
-    async def run(self, work: Callable[[R], T], timeout_s: float, priority: int = 0) -> T:
+    async def run(self, item: Any, timeout_s: float, priority: int = 0, key: Hashable | None = None) -> Any:
         """Submit and await; on deadline or cancellation a queued task is dropped, not run."""
-        task = self.submit(work, self._clock() + timeout_s, priority)
+        task = self.submit(item, self._clock() + timeout_s, priority, key)
         waiter = asyncio.wrap_future(task.future)
         waiter.add_done_callback(_consume_result)
         try:
@@ -129,7 +156,7 @@ class Scheduler(Generic[R]):
             self.cancel(task, "cancelled")
             raise
 
-    def cancel(self, task: Task[R, Any], reason: str) -> bool:
+    def cancel(self, task: Task[Any], reason: str) -> bool:
         """Drop a task that is still queued; a running one cannot be stopped (returns False)."""
         with self._cond:
             if task.state != "queued":
@@ -175,13 +202,13 @@ class Scheduler(Generic[R]):
                 retry_after_s=self.retry_after_s(),
             )
 
-    def _mark_dropped(self, task: Task[R, Any], reason: str) -> None:
+    def _mark_dropped(self, task: Task[Any], reason: str) -> None:
         task.state = "dropped"
         self._queued -= 1
         self._counts["dropped"] += 1
         self._counts[f"dropped_{reason}"] += 1
 
-    def _drain_queue(self, reason: str) -> list[Task[R, Any]]:
+    def _drain_queue(self, reason: str) -> list[Task[Any]]:
         drained = []
         while self._heap:
             _, _, task = heapq.heappop(self._heap)
@@ -190,63 +217,133 @@ class Scheduler(Generic[R]):
                 drained.append(task)
         return drained
 
-    def _next_task(self) -> Task[R, Any] | None:
-        """Block until a live task is available; None when shutting down with nothing queued."""
+    def _next_batch(self) -> list[Task[Any]] | None:
+        """Block until a live task is available, then gather company for it: up to `max_batch`
+        queued tasks with the same key, waiting at most `batch_wait_s`. None at shutdown."""
         with self._cond:
-            while True:
-                while self._heap:
-                    _, _, task = heapq.heappop(self._heap)
-                    if task.state != "queued":
-                        continue  # dropped while waiting; its slot was already freed
-                    if self._clock() >= task.deadline:
-                        self._mark_dropped(task, "expired")
-                        task.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                        continue
-                    task.state = "running"
-                    self._queued -= 1
-                    self._running += 1
-                    return task
+            while (first := self._pop_live()) is None:
                 if not self._accepting:
                     return None
                 self._cond.wait()
+            batch = [first]
+            if self._max_batch > 1 and first.key is not None:
+                self._gather(batch, first.key)
+            return batch
+
+    def _gather(self, batch: list[Task[Any]], key: Hashable) -> None:
+        """Wait for company without claiming it, so a companion that is cancelled or expires
+        meanwhile is simply not taken: the batch holds what is still wanted when it starts."""
+        room = self._max_batch - len(batch)
+        until = self._clock() + self._batch_wait_s
+        while self._accepting and self._count_compatible(key) < room:
+            remaining = until - self._clock()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        batch += self._take_compatible(key, room)
+
+    def _count_compatible(self, key: Hashable) -> int:
+        return sum(1 for _, _, task in self._heap if task.state == "queued" and task.key == key)
+
+    def _pop_live(self) -> Task[Any] | None:
+        while self._heap:
+            _, _, task = heapq.heappop(self._heap)
+            if self._claim(task):
+                return task
+        return None
+
+    def _take_compatible(self, key: Hashable, room: int) -> list[Task[Any]]:
+        taken: list[Task[Any]] = []
+        for _, _, task in sorted(self._heap, key=lambda entry: entry[:2]):
+            if len(taken) >= room:
+                break
+            if task.key == key and self._claim(task):
+                taken.append(task)  # left in the heap: no longer 'queued', so skipped later
+        return taken
+
+    def _claim(self, task: Task[Any]) -> bool:
+        """queued -> running, unless it was dropped meanwhile or its deadline has passed."""
+        if task.state != "queued":
+            return False
+        if self._clock() >= task.deadline:
+            self._mark_dropped(task, "expired")
+            task.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            return False
+        task.state = "running"
+        self._queued -= 1
+        self._running += 1
+        return True
 
     def _worker_main(self, replica: R) -> None:
         try:
-            while (task := self._next_task()) is not None:
-                self._execute(task, replica)
+            while (batch := self._next_batch()) is not None:
+                self._execute(batch, replica)
         except BaseException:  # the thread ends either way; say why, then fail the waiters
             log.critical("%s worker died", self._name, exc_info=True)
         finally:
             self._on_worker_exit()
 
-    def _execute(self, task: Task[R, Any], replica: R) -> None:
-        if not task.future.set_running_or_notify_cancel():
+    def _execute(self, batch: list[Task[Any]], replica: R) -> None:
+        live = [task for task in batch if task.future.set_running_or_notify_cancel()]
+        if len(live) < len(batch):
             with self._cond:
-                self._running -= 1
+                self._running -= len(batch) - len(live)
+        if not live:
             return
         started = self._clock()
         try:
-            result = task.work(replica)
-        except Exception as exc:  # one failure stays one failure: the loop lives on
-            self._finish(task, started, f"failed:{_error_code(exc)}")
-            task.future.set_exception(exc)
+            outcomes = self._run_isolated(replica, live)
         except BaseException:
-            self._finish(task, started, "failed:worker_unavailable")
-            task.future.set_exception(WorkerUnavailable("the device worker stopped", 30.0))
+            for task in live:
+                self._finish(task, "failed:worker_unavailable")
+                task.future.set_exception(WorkerUnavailable("the device worker stopped", 30.0))
             raise
-        else:
-            self._finish(task, started, "executed")
-            task.future.set_result(result)
-
-    def _finish(self, task: Task[R, Any], started: float, outcome: str) -> None:
         elapsed = self._clock() - started
+        self._record_batch(live, started, elapsed)
+        for task, outcome in zip(live, outcomes, strict=True):
+            self._settle(task, outcome)
+
+    def _run_isolated(self, replica: R, tasks: list[Task[Any]]) -> list[Any]:
+        """One failure stays one failure: a failing batch is split (halves after running out of
+        memory, singles otherwise) and retried before anything is failed."""
+        try:
+            results = self._runner(replica, [task.item for task in tasks])
+            if len(results) != len(tasks):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(tasks)} items")
+            return results
+        except Exception as exc:
+            if len(tasks) == 1:
+                return [exc]
+            oom = isinstance(exc, DeviceOutOfMemory)
+            with self._cond:
+                self._counts["batch_splits_oom" if oom else "batch_retries_single"] += 1
+            parts = [tasks[: len(tasks) // 2], tasks[len(tasks) // 2 :]] if oom else [[t] for t in tasks]
+            return [outcome for part in parts for outcome in self._run_isolated(replica, part)]
+
+    def _settle(self, task: Task[Any], outcome: Any) -> None:
+        if isinstance(outcome, BaseException):
+            self._finish(task, f"failed:{_error_code(outcome)}")
+            task.future.set_exception(outcome)
+        else:
+            self._finish(task, "executed")
+            task.future.set_result(outcome)
+
+    def _finish(self, task: Task[Any], outcome: str) -> None:
         with self._cond:
             task.state = "failed" if outcome.startswith("failed") else "done"
             self._running -= 1
             self._counts[outcome] += 1
             if outcome.startswith("failed:"):
                 self._counts["failed"] += 1
-            self._service_s = elapsed if self._service_s == 0 else 0.8 * self._service_s + 0.2 * elapsed
+
+    def _record_batch(self, batch: list[Task[Any]], started: float, elapsed: float) -> None:
+        per_task = elapsed / len(batch)
+        with self._cond:
+            self._counts["batches"] += 1
+            self._counts["batched_items"] += len(batch)
+            self._service_s = per_task if self._service_s == 0 else 0.8 * self._service_s + 0.2 * per_task
+        if self._on_batch is not None:
+            self._on_batch(len(batch), elapsed, [started - task.enqueued_at for task in batch])
 
     def _on_worker_exit(self) -> None:
         """A worker that ends leaves nobody hanging: when it was the last, fail every waiter."""
@@ -268,6 +365,10 @@ _COUNTERS = (
     "dropped_expired",
     "dropped_cancelled",
     "dropped_shutdown",
+    "batches",
+    "batched_items",
+    "batch_retries_single",
+    "batch_splits_oom",
 )
 
 
