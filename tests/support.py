@@ -70,8 +70,17 @@ class FakeBackend:
         self.executed = 0
         self.started = threading.Event()
 
-    def prepare(self, image: RGBImage, params: DetectParams) -> tuple[int, int]:
+    def prepare(self, image: RGBImage, params: DetectParams, image_id: str) -> tuple[int, int]:
         return int(image.shape[0]), int(image.shape[1])
+
+    def batch_key(self, prepared: Any, params: DetectParams) -> None:
+        return None  # one at a time: the tests count executions
+
+    def run_batch(self, items: list[tuple[Any, DetectParams]]) -> list[Any]:
+        return [self.run(prepared, params) for prepared, params in items]
+
+    def cache_stats(self) -> dict[str, int]:
+        return {}
 
     def run(self, prepared: tuple[int, int], params: DetectParams) -> tuple[int, int]:
         self.executed += 1
@@ -200,6 +209,8 @@ def cli_server(
         "0",
         "--max-inflight-per-client",
         "0",
+        "--max-batch",  # queue tests count requests one by one; batching tests pass their own
+        "1",
         "--log-level",
         "warning",
         *extra,

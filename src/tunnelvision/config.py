@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     )
     cpu_threads: int = Field(2, ge=1, description="threads for decoding, resizing and mask encoding")
     sam_chunk_size: int = Field(64, ge=1, description="boxes decoded by SAM in one call")
+    max_batch: int = Field(8, ge=1, le=64, description="requests the device worker runs in one pass")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long the worker waits for company before a pass"
+    )
+    cache_bytes: int = Field(
+        1024**3, ge=0, description="SAM image embeddings kept (LRU, bytes); a repeat image skips the encoder"
+    )
+    image_cache_bytes: int = Field(
+        512 * 1024**2, ge=0, description="decoded images kept for `image_id` requests (LRU, bytes)"
+    )
     warmup: bool = Field(True, description="run one pass through both models before ready")
     demo: bool = Field(False, description="serve tiny random-weight models (outputs are meaningless)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

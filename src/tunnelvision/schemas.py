@@ -45,6 +45,9 @@ class DetectParams(BaseModel):
     text_threshold: float = Field(0.25, ge=0.0, le=1.0, description="minimum score of the label phrase")
     nms_iou: float = Field(0.5, ge=0.0, le=1.0, description="class-aware NMS IoU; 1 disables NMS")
     max_detections: int = Field(100, ge=1, le=900, description="keep the best N boxes")
+    image_id: str | None = Field(
+        None, max_length=64, description="instead of the image: the image_id an earlier answer gave"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -104,8 +107,8 @@ class SegmentParams(DetectParams):
 
 
 class ImageField(BaseModel):
-    image: str = Field(
-        ..., description="the image file (JPEG, PNG, WebP, ...) as base64; a data: URL is accepted"
+    image: str | None = Field(
+        None, description="the image file (JPEG, PNG, WebP, ...) as base64; a data: URL is accepted"
     )
 
 
@@ -156,6 +159,7 @@ class DetectResponse(BaseModel):
             "examples": [
                 {
                     "image": {"width": 1280, "height": 720},
+                    "image_id": "9f2c4e0d1b7a8c3e5f6a7b8c9d0e1f2a",
                     "detections": [{"label": "forklift", "score": 0.71, "box": [412.3, 188.0, 790.5, 601.2]}],
                     "timings_ms": _TIMINGS_EXAMPLE,
                 }
@@ -164,6 +168,7 @@ class DetectResponse(BaseModel):
     )
 
     image: ImageInfo
+    image_id: str = Field(..., description="send it as `image_id` to reuse this image (while cached)")
     detections: list[Detection]
     timings_ms: dict[str, float]
 
@@ -174,6 +179,7 @@ class SegmentResponse(BaseModel):
             "examples": [
                 {
                     "image": {"width": 1280, "height": 720},
+                    "image_id": "9f2c4e0d1b7a8c3e5f6a7b8c9d0e1f2a",
                     "mask_format": "rle",
                     "detections": [
                         {
@@ -191,6 +197,7 @@ class SegmentResponse(BaseModel):
     )
 
     image: ImageInfo
+    image_id: str = Field(..., description="send it as `image_id` to reuse this image (while cached)")
     mask_format: MaskFormat
     detections: list[Segmentation]
     timings_ms: dict[str, float]

@@ -303,3 +303,61 @@ def test_keys_cli_round_trip_against_a_running_server(tiny_models: tuple[Path, P
     log = log_path.read_text()
     assert key not in log
     assert '"principal": "key:ci"' in log  # the structured access log names the key, not the key
+
+
+def test_image_id_round_trip_reuses_the_image(url: str) -> None:
+    first = post(url, "/v1/segment", prompt="cat", box_threshold="0", max_detections="2")
+    image_id = first.json()["image_id"]
+    again = httpx.post(
+        f"{url}/v1/segment",
+        json={"image_id": image_id, "prompt": "cat", "box_threshold": 0, "max_detections": 2},
+        timeout=60,
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["image_id"] == image_id and again.json()["image"] == first.json()["image"]
+    assert again.json()["detections"] == first.json()["detections"]  # the cached embedding, same masks
+    boxes = httpx.post(
+        f"{url}/v1/segment", json={"image_id": image_id, "boxes": [[0, 0, 50, 50]]}, timeout=60
+    )
+    assert boxes.status_code == 200 and len(boxes.json()["detections"]) == 1
+
+
+def test_evicted_image_id_gets_404_asking_for_the_image(tiny_models: tuple[Path, Path]) -> None:
+    one_image = 160 * 120 * 3
+    with cli_server(*tiny_models, "--image-cache-bytes", str(one_image), "--no-warmup") as (server_url, _):
+        first = post(server_url, "/v1/detect", prompt="cat").json()["image_id"]
+        second = post(server_url, "/v1/detect", image=image_bytes(160, 120, seed=1), prompt="cat").json()[
+            "image_id"
+        ]
+        assert first != second
+        evicted = httpx.post(f"{server_url}/v1/detect", json={"image_id": first, "prompt": "cat"})
+        assert evicted.status_code == 404
+        assert "send the image again" in evicted.json()["error"]["message"]
+        assert (
+            httpx.post(f"{server_url}/v1/detect", json={"image_id": second, "prompt": "cat"}).status_code
+            == 200
+        )
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(tiny_models: tuple[Path, Path]) -> None:
+    prompts = ["cat", "dog . person", "forklift", "red car", "a bird", "table", "cup", "tree"]
+    images = [image_bytes(160, 120, seed=i) for i in range(len(prompts))]
+
+    def ask(server_url: str, i: int) -> Any:
+        fields = {"prompt": prompts[i], "box_threshold": "0", "max_detections": "3"}
+        response = post(server_url, "/v1/segment", image=images[i], **fields)
+        assert response.status_code == 200, response.text
+        return response.json()["detections"]
+
+    with cli_server(*tiny_models, "--max-batch", "8", "--batch-wait-ms", "50", "--no-warmup") as (
+        server_url,
+        _,
+    ):
+        alone = [ask(server_url, i) for i in range(len(prompts))]
+        before = stats(server_url)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(lambda i: ask(server_url, i), range(len(prompts))))
+        after = stats(server_url)
+    assert together == alone
+    batches = after["batches"] - before["batches"]
+    assert after["batched_items"] - before["batched_items"] == len(prompts) and batches < len(prompts)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
 from tunnelvision.models.grounded_sam import GroundedSam, RawResult, phrase_token_spans
 from tunnelvision.schemas import RLE, DetectParams, Segmentation, SegmentParams
@@ -115,12 +116,12 @@ def test_no_detections_means_sam_is_never_called(
     backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     empty = RawResult(torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long), None, None)
-    monkeypatch.setattr(backend, "_detect", lambda prepared, params: empty)
+    monkeypatch.setattr(backend, "_detect_batch", lambda items: [empty for _ in items])
     monkeypatch.setattr(backend.sam, "get_image_embeddings", lambda *a: pytest.fail("SAM was called"))
     assert predict(backend, image, SegmentParams(prompt="cat")) == []
 
 
-def test_out_of_memory_frees_the_cache_and_becomes_a_retryable_error(
+def test_out_of_memory_frees_the_caches_and_becomes_a_retryable_error(
     backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     freed = []
@@ -128,12 +129,16 @@ def test_out_of_memory_frees_the_cache_and_becomes_a_retryable_error(
     def oom(*args: Any) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(backend, "_run", oom)
+    monkeypatch.setattr(backend, "_run_batch", oom)
     monkeypatch.setattr("tunnelvision.models.grounded_sam.free_device_memory", lambda: freed.append(1))
     params = SegmentParams(prompt="cat")
+    monkeypatch.setattr(backend, "embeddings", ByteLRU(1024))
+    backend.embeddings.put("some image", torch.zeros(4), 16)
+    assert backend.cache_stats()["entries"] == 1
     with pytest.raises(DeviceOutOfMemory) as caught:
         backend.run(backend.prepare(image, params), params)
     assert freed == [1] and caught.value.retry_after_s > 0
+    assert backend.cache_stats()["entries"] == 0  # cached embeddings are let go first
 
 
 def test_a_prompt_longer_than_the_text_encoder_is_refused(backend: GroundedSam, image: np.ndarray) -> None:

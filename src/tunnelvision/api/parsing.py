@@ -19,7 +19,10 @@ JSON_TEXT_FIELDS = ("boxes", "points")  # multipart carries these as JSON text
 MAX_FORM_FIELDS = 32
 
 
-async def read_prediction_request(request: Request, params_model: type[P], max_bytes: int) -> tuple[bytes, P]:
+async def read_prediction_request(
+    request: Request, params_model: type[P], max_bytes: int
+) -> tuple[bytes | None, P]:
+    """The image bytes (None when the request names an earlier `image_id`) and the options."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json":
         image, fields = await _read_json(request, max_bytes)
@@ -30,7 +33,13 @@ async def read_prediction_request(request: Request, params_model: type[P], max_b
             f"Content-Type '{media_type or 'missing'}' is not supported: "
             "send multipart/form-data (an 'image' file) or application/json ('image' as base64)"
         )
-    return image, validate_params(params_model, fields)
+    params = validate_params(params_model, fields)
+    image_id = getattr(params, "image_id", None)
+    if image is None and image_id is None:
+        raise InvalidImage("'image' is required (or 'image_id' from an earlier answer)")
+    if image is not None and image_id is not None:
+        raise InvalidInput("give 'image' or 'image_id', not both")
+    return image, params
 
 
 def validate_params(params_model: type[P], fields: dict[str, Any]) -> P:
@@ -40,7 +49,7 @@ def validate_params(params_model: type[P], fields: dict[str, Any]) -> P:
         raise InvalidInput(describe_validation_errors(exc.errors())) from None
 
 
-async def _read_json(request: Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+async def _read_json(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, Any]]:
     body = await request.body()
     try:
         data = await run_in_threadpool(json.loads, body)
@@ -49,18 +58,20 @@ async def _read_json(request: Request, max_bytes: int) -> tuple[bytes, dict[str,
     if not isinstance(data, dict):
         raise InvalidInput("JSON body must be an object")
     encoded = data.pop("image", None)
+    if encoded is None:
+        return None, data
     if not isinstance(encoded, str) or not encoded:
-        raise InvalidImage("'image' is required: the image file as a base64 string")
+        raise InvalidImage("'image' must be the image file as a base64 string")
     return await run_in_threadpool(decode_base64, encoded, max_bytes), data
 
 
-async def _read_multipart(request: Request) -> tuple[bytes, dict[str, Any]]:
+async def _read_multipart(request: Request) -> tuple[bytes | None, dict[str, Any]]:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     try:
         upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise InvalidImage("'image' is required: a file field named 'image'")
-        image = await upload.read()
+        if upload is not None and not isinstance(upload, UploadFile):
+            raise InvalidImage("'image' must be a file field named 'image'")
+        image = await upload.read() if upload is not None else None
         return image, _form_fields(form.multi_items())
     finally:
         await form.close()

@@ -90,4 +90,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         deadline_s=settings.deadline_s,
         max_image_pixels=settings.max_image_pixels,
         cpu_threads=settings.cpu_threads,
+        max_batch=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms,
+        image_cache_bytes=settings.image_cache_bytes,
     )

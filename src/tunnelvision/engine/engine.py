@@ -7,6 +7,7 @@ The event loop only awaits; it never runs image or model code.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tunnelvision.engine.backend import Backend, BackendInfo
-from tunnelvision.engine.scheduler import INTERACTIVE, Scheduler
-from tunnelvision.errors import DeadlineExceeded, InvalidInput
+from tunnelvision.engine.cache import ByteLRU
+from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, Scheduler
+from tunnelvision.errors import DeadlineExceeded, InvalidInput, NotFound
 from tunnelvision.imaging import RGBImage, decode_image
 from tunnelvision.schemas import (
     DetectParams,
@@ -40,22 +42,36 @@ class EngineConfig:
     deadline_s: float = 100.0
     max_image_pixels: int = 40_000_000
     cpu_threads: int = 2
+    max_batch: int = 1
+    batch_wait_ms: float = 0.0
+    image_cache_bytes: int = 0  # decoded images kept for `image_id` requests
 
 
 @dataclass
 class _Outcome:
     image: RGBImage
+    image_id: str
     detections: list[Any]
     timings_ms: dict[str, float]
 
 
 class Engine:
-    def __init__(self, backends: Sequence[Backend], config: EngineConfig) -> None:
+    def __init__(
+        self, backends: Sequence[Backend], config: EngineConfig, on_batch: BatchObserver | None = None
+    ) -> None:
         if not backends:
             raise ValueError("an engine needs at least one backend")
         self.config = config
         self.backends = list(backends)
-        self.scheduler: Scheduler[Backend] = Scheduler(self.backends, config.max_queue)
+        self.scheduler: Scheduler[Backend] = Scheduler(
+            self.backends,
+            config.max_queue,
+            runner=run_timed_batch,
+            max_batch=config.max_batch,
+            batch_wait_s=config.batch_wait_ms / 1000,
+            on_batch=on_batch,
+        )
+        self.images: ByteLRU[RGBImage] = ByteLRU(config.image_cache_bytes)
         self._cpu = ThreadPoolExecutor(config.cpu_threads, thread_name_prefix="cpu")
 
     @property
@@ -84,19 +100,27 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return self.scheduler.stats()
 
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        return {"embeddings": self.backends[0].cache_stats(), "images": self.images.stats()}
+
     # -- requests --------------------------------------------------------------------------
 
-    async def detect(self, image: bytes, params: DetectParams) -> DetectResponse:
+    async def detect(self, image: bytes | None, params: DetectParams) -> DetectResponse:
+        """`image` is the encoded file; None to use `params.image_id` from an earlier call."""
         outcome = await self._process(image, params)
         return DetectResponse(
-            image=_image_info(outcome.image), detections=outcome.detections, timings_ms=outcome.timings_ms
+            image=_image_info(outcome.image),
+            image_id=outcome.image_id,
+            detections=outcome.detections,
+            timings_ms=outcome.timings_ms,
         )
 
-    async def segment(self, image: bytes, params: SegmentParams) -> SegmentResponse:
+    async def segment(self, image: bytes | None, params: SegmentParams) -> SegmentResponse:
         outcome = await self._process(image, params)
         detections = [d for d in outcome.detections if isinstance(d, Segmentation)]
         return SegmentResponse(
             image=_image_info(outcome.image),
+            image_id=outcome.image_id,
             mask_format=params.mask_format,
             detections=detections,
             timings_ms=outcome.timings_ms,
@@ -106,27 +130,44 @@ class Engine:
         """One pass through decode, both models and mask encoding, so the first user isn't slow."""
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
         params = SegmentParams(prompt="object", box_threshold=0.0, max_detections=1)
-        await self._process_decoded(image, params, time.monotonic())
+        await self._process_decoded(image, "warmup", params, time.monotonic())
 
-    async def _process(self, data: bytes, params: DetectParams) -> _Outcome:
+    async def _process(self, data: bytes | None, params: DetectParams) -> _Outcome:
         started = time.monotonic()
-        image = await self._on_cpu(partial(decode_image, data, self.config.max_image_pixels))
+        if data is None:
+            image, image_id = self._cached_image(params.image_id or "")
+        else:
+            image, image_id = await self._on_cpu(
+                partial(decode_image_with_id, data, self.config.max_image_pixels)
+            )
+            self.images.put(image_id, image, image.nbytes)
         decoded = time.monotonic()
-        outcome = await self._process_decoded(image, params, started)
+        outcome = await self._process_decoded(image, image_id, params, started)
         outcome.timings_ms["decode"] = _ms(decoded - started)
         return outcome
 
-    async def _process_decoded(self, image: RGBImage, params: DetectParams, started: float) -> _Outcome:
+    def _cached_image(self, image_id: str) -> tuple[RGBImage, str]:
+        image = self.images.get(image_id)
+        if image is None:
+            raise NotFound(
+                f"image_id '{image_id}' is not in the cache (evicted or never sent): send the image again"
+            )
+        return image, image_id
+
+    async def _process_decoded(
+        self, image: RGBImage, image_id: str, params: DetectParams, started: float
+    ) -> _Outcome:
         deadline = started + self.config.deadline_s
         check_prompts_inside(image, params)
         t_prepare = time.monotonic()
         backend = self.backends[0]  # prepare/finish are CPU work: any replica's processors do
-        prepared = await self._on_cpu(partial(backend.prepare, image, params))
+        prepared = await self._on_cpu(partial(backend.prepare, image, params, image_id))
         t_submit = time.monotonic()
         raw, device_start, device_end = await self.scheduler.run(
-            partial(_timed_run, prepared=prepared, params=params),
+            (prepared, params),
             timeout_s=_remaining(deadline),
             priority=INTERACTIVE,
+            key=backend.batch_key(prepared, params),
         )
         detections = await self._on_cpu(partial(backend.finish, raw, params, prepared))
         done = time.monotonic()
@@ -137,16 +178,23 @@ class Engine:
             "finish": _ms(done - device_end),
             "total": _ms(done - started),
         }
-        return _Outcome(image, detections, timings)
+        return _Outcome(image, image_id, detections, timings)
 
     async def _on_cpu(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
 
-def _timed_run(backend: Backend, prepared: Any, params: DetectParams) -> tuple[Any, float, float]:
+def run_timed_batch(backend: Backend, items: list[tuple[Any, DetectParams]]) -> list[Any]:
+    """The scheduler's runner: one device pass for the batch, its start and end for each item."""
     start = time.monotonic()
-    raw = backend.run(prepared, params)
-    return raw, start, time.monotonic()
+    raws = backend.run_batch(items)
+    end = time.monotonic()
+    return [raw if isinstance(raw, BaseException) else (raw, start, end) for raw in raws]
+
+
+def decode_image_with_id(data: bytes, max_pixels: int) -> tuple[RGBImage, str]:
+    """The pixels, and an id for the content (what `image_id` and the caches are keyed by)."""
+    return decode_image(data, max_pixels), hashlib.sha256(data).hexdigest()[:32]
 
 
 def check_prompts_inside(image: RGBImage, params: DetectParams) -> None:

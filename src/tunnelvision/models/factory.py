@@ -27,7 +27,16 @@ def build_backends(settings: Settings) -> list[GroundedSam]:
         log.warning(DEMO_WARNING)
         folder = demo_models_folder()
         detector, segmenter = str(folder / "detector"), str(folder / "segmenter")
-    return [GroundedSam(detector, segmenter, settings.device, settings.dtype, settings.sam_chunk_size)]
+    return [
+        GroundedSam(
+            detector,
+            segmenter,
+            settings.device,
+            settings.dtype,
+            settings.sam_chunk_size,
+            settings.cache_bytes,
+        )
+    ]
 
 
 def demo_models_folder() -> Path:

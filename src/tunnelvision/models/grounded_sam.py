@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel
 
 from tunnelvision.engine.backend import BackendInfo
+from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
 from tunnelvision.imaging import RGBImage
 from tunnelvision.masks import batched_nms, encode_mask, mask_to_box
@@ -37,6 +39,7 @@ class Prepared:
     boxes: torch.Tensor | None  # box prompts, original pixels
     points: torch.Tensor | None  # point prompts (n, 2) and their labels (n,)
     point_labels: torch.Tensor | None
+    image_id: str = ""  # content hash: the embedding cache's key ("" never hits: not cached)
 
 
 @dataclass
@@ -58,10 +61,12 @@ class GroundedSam:
         device: str = "auto",
         dtype: str = "float32",
         sam_chunk_size: int = 64,
+        cache_bytes: int = 0,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.sam_chunk_size = sam_chunk_size
+        self.embeddings: ByteLRU[torch.Tensor] = ByteLRU(cache_bytes)
         det_src, seg_src = resolve_source(detector, "detector"), resolve_source(segmenter, "segmenter")
         self.detector_processor = load_pretrained(
             AutoProcessor.from_pretrained, det_src, "detector", **processor_kwargs()
@@ -81,9 +86,9 @@ class GroundedSam:
 
     # -- CPU: prepare ----------------------------------------------------------------------
 
-    def prepare(self, image: RGBImage, params: DetectParams) -> Prepared:
+    def prepare(self, image: RGBImage, params: DetectParams, image_id: str = "") -> Prepared:
         height, width = image.shape[:2]
-        prepared = Prepared(height, width, None, [], None, (1.0, 1.0), None, None, None)
+        prepared = Prepared(height, width, None, [], None, (1.0, 1.0), None, None, None, image_id)
         if params.phrases:
             prepared.detector_inputs, prepared.phrase_spans = self._prepare_detector(image, params.phrases)
         if isinstance(params, SegmentParams):
@@ -113,33 +118,72 @@ class GroundedSam:
 
     # -- device: run -----------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def batch_key(self, prepared: Prepared, params: DetectParams) -> Hashable | None:
+        """GroundingDINO batches exactly only images of the same processed size (models.md);
+        SAM's encoder pads every image to one square, so box/point prompts always batch."""
+        if prepared.detector_inputs is not None:
+            return ("detect", tuple(prepared.detector_inputs["pixel_values"].shape))
+        if prepared.sam_pixels is not None:
+            return ("sam", tuple(prepared.sam_pixels.shape))
+        return None
+
     def run(self, prepared: Prepared, params: DetectParams) -> RawResult:
+        (raw,) = self.run_batch([(prepared, params)])
+        if isinstance(raw, BaseException):
+            raise raw
+        assert isinstance(raw, RawResult)
+        return raw
+
+    @torch.inference_mode()
+    def run_batch(self, items: list[tuple[Prepared, DetectParams]]) -> list[Any]:
         try:
-            return self._run(prepared, params)
+            return self._run_batch(items)
         except torch.cuda.OutOfMemoryError as exc:
+            self.embeddings.clear()
             free_device_memory()
             raise DeviceOutOfMemory("the GPU ran out of memory; retry, or send a smaller image", 5.0) from exc
 
-    def _run(self, prepared: Prepared, params: DetectParams) -> RawResult:
-        raw = RawResult(torch.empty(0, 4), None, None, None, None)
-        if prepared.detector_inputs is not None:
-            raw = self._detect(prepared, params)
-        elif prepared.boxes is not None:
-            raw.boxes = prepared.boxes
-        if prepared.sam_pixels is None or (raw.boxes.numel() == 0 and prepared.points is None):
-            return raw  # detect only, or nothing detected: SAM is not called
-        raw.low_res_masks, raw.mask_scores = self._segment(prepared, raw.boxes, params)
-        return raw
+    def _run_batch(self, items: list[tuple[Prepared, DetectParams]]) -> list[Any]:
+        raws = [
+            RawResult(p.boxes if p.boxes is not None else torch.empty(0, 4), None, None, None, None)
+            for p, _ in items
+        ]
+        detecting = [i for i, (p, _) in enumerate(items) if p.detector_inputs is not None]
+        for i, raw in zip(detecting, self._detect_batch([items[i] for i in detecting]), strict=True):
+            raws[i] = raw
+        # Nothing detected, or detect only: SAM is not called for that item.
+        segmenting = [
+            i
+            for i, (p, _) in enumerate(items)
+            if p.sam_pixels is not None and (raws[i].boxes.numel() > 0 or p.points is not None)
+        ]
+        embeddings = self._embeddings([items[i][0] for i in segmenting])
+        for i, embedding in zip(segmenting, embeddings, strict=True):
+            prepared, params = items[i]
+            raws[i].low_res_masks, raws[i].mask_scores = self._segment(
+                embedding, prepared, raws[i].boxes, params
+            )
+        return raws
 
-    def _detect(self, prepared: Prepared, params: DetectParams) -> RawResult:
-        inputs = {k: v.to(self.device) for k, v in (prepared.detector_inputs or {}).items()}
+    def _detect_batch(self, items: list[tuple[Prepared, DetectParams]]) -> list[RawResult]:
+        if not items:
+            return []
+        inputs = collate_detector_inputs([p.detector_inputs or {} for p, _ in items])
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         outputs = self.detector(**inputs)
-        probs = outputs.logits[0].float().sigmoid()  # (queries, text tokens)
+        return [
+            self._select_boxes(outputs.logits[row], outputs.pred_boxes[row], prepared, params)
+            for row, (prepared, params) in enumerate(items)
+        ]
+
+    def _select_boxes(
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, prepared: Prepared, params: DetectParams
+    ) -> RawResult:
+        probs = logits.float().sigmoid()  # (queries, text tokens)
         phrase_probs = torch.stack([probs[:, s:e].max(dim=1).values for s, e in prepared.phrase_spans], dim=1)
         scores, phrase_ids = phrase_probs.max(dim=1)
-        boxes = cxcywh_to_xyxy(outputs.pred_boxes[0].float(), prepared.width, prepared.height)
+        boxes = cxcywh_to_xyxy(pred_boxes.float(), prepared.width, prepared.height)
         keep = (scores >= params.box_threshold) & (scores >= params.text_threshold)
         boxes, scores, phrase_ids = boxes[keep], scores[keep], phrase_ids[keep]
         if params.nms_iou < 1.0:
@@ -149,12 +193,31 @@ class GroundedSam:
         kept = kept[: params.max_detections]
         return RawResult(boxes[kept].cpu(), scores[kept].cpu(), phrase_ids[kept].cpu(), None, None)
 
+    def _embeddings(self, prepared: list[Prepared]) -> list[torch.Tensor]:
+        """SAM image embeddings from the cache, the misses encoded together in one batch."""
+        found = [self.embeddings.get(self._embedding_key(p)) if p.image_id else None for p in prepared]
+        missing = [i for i, embedding in enumerate(found) if embedding is None]
+        if missing:
+            pixels = torch.cat([_sam_pixels(prepared[i]) for i in missing])
+            encoded = self.sam.get_image_embeddings(pixels.to(self.device, self.dtype))
+            for i, embedding in zip(missing, encoded, strict=True):
+                embedding = embedding[None].clone()
+                found[i] = embedding
+                if not prepared[i].image_id:
+                    continue
+                self.embeddings.put(
+                    self._embedding_key(prepared[i]), embedding, embedding.numel() * embedding.element_size()
+                )
+        return [e for e in found if e is not None]
+
+    def _embedding_key(self, prepared: Prepared) -> Hashable:
+        shape = tuple(_sam_pixels(prepared).shape)
+        return (prepared.image_id, self.info.segmenter, str(self.dtype), shape)
+
     def _segment(
-        self, prepared: Prepared, boxes: torch.Tensor, params: DetectParams
+        self, embeddings: torch.Tensor, prepared: Prepared, boxes: torch.Tensor, params: DetectParams
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert prepared.sam_pixels is not None
         multimask = isinstance(params, SegmentParams) and params.multimask
-        embeddings = self.sam.get_image_embeddings(prepared.sam_pixels.to(self.device, self.dtype))
         scale = torch.tensor(prepared.sam_scale * 2)
         if prepared.points is not None:
             assert prepared.point_labels is not None
@@ -166,6 +229,9 @@ class GroundedSam:
             for chunk in boxes.split(self.sam_chunk_size)
         ]
         return torch.cat([m for m, _ in chunks]), torch.cat([s for _, s in chunks])
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.embeddings.stats()
 
     def _decode(
         self, embeddings: torch.Tensor, multimask: bool, **prompts: torch.Tensor
@@ -231,6 +297,22 @@ def phrase_token_spans(input_ids: list[int], n_phrases: int) -> list[tuple[int, 
     return spans
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def collate_detector_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch from per-image processor outputs: text padded on the right (exact, models.md),
+    images stacked (the batch key guarantees equal shapes)."""
+    longest = max(x["input_ids"].shape[1] for x in inputs)
+    batch = {}
+    for name in inputs[0]:
+        parts = [x[name] for x in inputs]
+        if name in TEXT_INPUTS:
+            parts = [torch.nn.functional.pad(part, (0, longest - part.shape[1])) for part in parts]
+        batch[name] = torch.cat(parts)
+    return batch
+
+
 def cxcywh_to_xyxy(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     cx, cy, w, h = boxes.unbind(-1)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
@@ -244,6 +326,11 @@ def cxcywh_to_xyxy(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor
         ],
         dim=-1,
     )
+
+
+def _sam_pixels(prepared: Prepared) -> torch.Tensor:
+    assert prepared.sam_pixels is not None
+    return prepared.sam_pixels
 
 
 def free_device_memory() -> None:

@@ -36,7 +36,7 @@ def add_prediction_route(
     params_model: type[DetectParams],
     json_model: type[BaseModel],
     response_model: type[BaseModel],
-    run: Callable[[Engine, bytes, Any], Coroutine[Any, Any, BaseModel]],
+    run: Callable[[Engine, bytes | None, Any], Coroutine[Any, Any, BaseModel]],
 ) -> None:
     async def predict(request: Request, state: StateDep, settings: SettingsDep) -> Response:
         engine = state.ready_engine()
