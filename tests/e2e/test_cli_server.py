@@ -344,7 +344,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(tiny_models: tuple[
     images = [image_bytes(160, 120, seed=i) for i in range(len(prompts))]
 
     def ask(server_url: str, i: int) -> Any:
-        fields = {"prompt": prompts[i], "box_threshold": "0", "max_detections": "3"}
+        fields: dict[str, Any] = {"prompt": prompts[i], "box_threshold": "0", "max_detections": "3"}
         response = post(server_url, "/v1/segment", image=images[i], **fields)
         assert response.status_code == 200, response.text
         return response.json()["detections"]
