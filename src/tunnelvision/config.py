@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="run one pass through both models before ready")
     demo: bool = Field(False, description="serve tiny random-weight models (outputs are meaningless)")
+    backend: Literal["grounded-sam", "simulated"] = Field(
+        "grounded-sam", description="simulated: a sleeping fake device, for benchmarks only"
+    )
+    simulated_batch_ms: float = Field(40.0, ge=0, description="simulated device: cost of one pass (ms)")
+    simulated_item_ms: float = Field(5.0, ge=0, description="simulated device: extra cost per item (ms)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="one JSON line per request (never the key itself)")
 
@@ -84,6 +89,7 @@ class Settings(BaseSettings):
         False, description="allow a non-loopback bind without authentication (warned at every start)"
     )
     public_docs: bool = Field(True, description="serve /docs and /openapi.json without authentication")
+    public_metrics: bool = Field(False, description="serve /metrics without authentication")
     rate_limit_per_minute: float = Field(
         600.0, ge=0, description="requests per minute per key (per client address if anonymous); 0: off"
     )

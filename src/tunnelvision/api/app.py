@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -14,10 +15,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from tunnelvision import __version__
 from tunnelvision.api.errors import install_error_handlers
 from tunnelvision.api.guard import GuardMiddleware
-from tunnelvision.api.middleware import AccessLogMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from tunnelvision.api.routes import health, predict
+from tunnelvision.api.middleware import (
+    BodyLimitMiddleware,
+    RecordSink,
+    RequestIdMiddleware,
+    RequestRecordMiddleware,
+    access_log_sink,
+)
+from tunnelvision.api.routes import health, metrics, predict
 from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import Settings
+from tunnelvision.metrics import Metrics
 
 DESCRIPTION = """Zero-shot detection (GroundingDINO) and segmentation (SAM).
 
@@ -50,13 +58,26 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app = FastAPI(title="tunnelvision", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.tunnelvision = state
     install_error_handlers(app)
-    add_middleware(app, settings)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(metrics.router)
+    add_middleware(app, settings, state)
     return app
 
 
-def add_middleware(app: FastAPI, settings: Settings) -> None:
+def metrics_sink(app: FastAPI, metrics: Metrics) -> RecordSink:
+    known_paths: set[str] = set()
+
+    def observe(scope: Any, status: int, started: float) -> None:
+        if not known_paths:  # the documented routes, read once the app is complete
+            known_paths.update(app.openapi()["paths"], {"/docs", "/openapi.json"})
+        route = scope["path"] if scope["path"] in known_paths else "other"  # bounded label values
+        metrics.on_request(route, status, scope.get("state", {}).get("timings_ms", {}))
+
+    return observe
+
+
+def add_middleware(app: FastAPI, settings: Settings, state: AppState) -> None:
     """Added innermost first: the request passes them in the reverse order."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(GuardMiddleware, settings=settings)
@@ -68,8 +89,10 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    sinks = [metrics_sink(app, state.metrics)]
     if settings.access_log:
-        app.add_middleware(AccessLogMiddleware, logger=logging.getLogger("tunnelvision.access"))
+        sinks.append(access_log_sink(logging.getLogger("tunnelvision.access")))
+    app.add_middleware(RequestRecordMiddleware, sinks=sinks)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, even a 413, has an id
 
 

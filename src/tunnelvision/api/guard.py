@@ -112,7 +112,11 @@ def _missing_message(policy: str, credentials: Credentials) -> str:
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.public = ALWAYS_PUBLIC | (DOCS if settings.public_docs else frozenset())
+        self.public = (
+            ALWAYS_PUBLIC
+            | (DOCS if settings.public_docs else frozenset())
+            | ({"/metrics"} if settings.public_metrics else frozenset())
+        )
         self.trusted = parse_networks(settings.trusted_proxy_list)
         self.auth = Authenticator(settings)
         rate = settings.rate_limit_per_minute / 60

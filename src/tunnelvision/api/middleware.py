@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,12 +91,15 @@ async def send_json_error(
     await send({"type": "http.response.body", "body": payload})
 
 
-class AccessLogMiddleware:
-    """One JSON line per request: who (key name, never the key), from where, what, how long."""
+RecordSink = Callable[[Scope, int, float], None]  # scope, status, start time
 
-    def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
+
+class RequestRecordMiddleware:
+    """After each request, hands (scope, status, start) to the sinks: the access log, metrics."""
+
+    def __init__(self, app: ASGIApp, sinks: list[RecordSink]) -> None:
         self.app = app
-        self.log = logger
+        self.sinks = sinks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,7 +117,17 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.log.info(json.dumps(access_record(scope, status, started)))
+            for sink in self.sinks:
+                sink(scope, status, started)
+
+
+def access_log_sink(logger: logging.Logger) -> RecordSink:
+    """One JSON line per request: who (key name, never the key), from where, what, how long."""
+
+    def write(scope: Scope, status: int, started: float) -> None:
+        logger.info(json.dumps(access_record(scope, status, started)))
+
+    return write
 
 
 def access_record(scope: Scope, status: int, started: float) -> dict[str, Any]:

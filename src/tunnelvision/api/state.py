@@ -11,6 +11,7 @@ from tunnelvision.config import Settings
 from tunnelvision.engine.backend import Backend
 from tunnelvision.engine.engine import Engine, EngineConfig
 from tunnelvision.errors import ModelUnavailable, NotReady, ShuttingDown, WorkerUnavailable
+from tunnelvision.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,13 @@ class AppState:
         self.failure: str | None = None
         # Called with the reason when models cannot load; `serve` uses it to exit non-zero.
         self.on_fatal: Callable[[str], None] | None = None
+        self.metrics = Metrics(self.snapshot)
 
     async def load(self) -> None:
         try:
             self.phase = "loading models"
             backends = await asyncio.to_thread(self.backend_factory, self.settings)
-            self.engine = Engine(backends, engine_config(self.settings))
+            self.engine = Engine(backends, engine_config(self.settings), on_batch=self.metrics.on_batch)
             self.engine.start()
             if self.settings.warmup:
                 self.phase = "warming up"
@@ -82,6 +84,16 @@ class AppState:
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats() if self.engine is not None else {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything /metrics reports at a scrape."""
+        engine = self.engine
+        return {
+            "ready": self.not_ready_reason() is None,
+            "queue": self.stats(),
+            "caches": engine.cache_stats() if engine is not None else {},
+            "device_memory": engine.device_memory() if engine is not None else {},
+        }
 
 
 def engine_config(settings: Settings) -> EngineConfig:

@@ -101,7 +101,20 @@ class Engine:
         return self.scheduler.stats()
 
     def cache_stats(self) -> dict[str, dict[str, int]]:
-        return {"embeddings": self.backends[0].cache_stats(), "images": self.images.stats()}
+        embeddings: dict[str, int] = {}
+        for backend in self.backends:  # one embedding cache per replica: add them up
+            for name, value in backend.cache_stats().items():
+                embeddings[name] = embeddings.get(name, 0) + value
+        return {"embeddings": embeddings, "images": self.images.stats()}
+
+    def device_memory(self) -> dict[str, int]:
+        """Bytes allocated per device, where the backend can tell (CUDA)."""
+        memory = {}
+        for backend in self.backends:
+            allocated = getattr(backend, "memory_allocated", lambda: None)()
+            if allocated is not None:
+                memory[backend.info.device] = int(allocated)
+        return memory
 
     # -- requests --------------------------------------------------------------------------
 

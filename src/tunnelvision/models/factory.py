@@ -10,7 +10,9 @@ from pathlib import Path
 
 from tunnelvision import __version__
 from tunnelvision.config import Settings
+from tunnelvision.engine.backend import Backend
 from tunnelvision.models.grounded_sam import GroundedSam
+from tunnelvision.models.simulated import SimulatedBackend
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,10 @@ DEMO_WARNING = (
 )
 
 
-def build_backends(settings: Settings) -> list[GroundedSam]:
+def build_backends(settings: Settings) -> list[Backend]:
+    if settings.backend == "simulated":
+        log.warning("SIMULATED device: sleeps instead of models; for benchmarks only")
+        return [SimulatedBackend(settings.simulated_batch_ms, settings.simulated_item_ms)]
     _quiet_transformers()
     detector, segmenter = settings.detector, settings.segmenter
     if settings.demo:

@@ -233,6 +233,9 @@ class GroundedSam:
     def cache_stats(self) -> dict[str, int]:
         return self.embeddings.stats()
 
+    def memory_allocated(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+
     def _decode(
         self, embeddings: torch.Tensor, multimask: bool, **prompts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

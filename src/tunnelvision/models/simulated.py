@@ -1,0 +1,42 @@
+"""A simulated device for benchmarks: sleeps (the GIL released) a fixed cost per pass plus a small
+cost per item, so the scheduler can be measured without model noise. Outputs are placeholders."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from typing import Any
+
+from tunnelvision.engine.backend import BackendInfo
+from tunnelvision.imaging import RGBImage
+from tunnelvision.schemas import Detection, DetectParams, Segmentation, SegmentParams
+
+
+class SimulatedBackend:
+    def __init__(self, batch_ms: float = 40.0, item_ms: float = 5.0) -> None:
+        self.batch_s, self.item_s = batch_ms / 1000, item_ms / 1000
+        self.info = BackendInfo("simulated", "simulated", "simulated", "float32")
+
+    def prepare(self, image: RGBImage, params: DetectParams, image_id: str = "") -> tuple[int, int]:
+        return int(image.shape[0]), int(image.shape[1])
+
+    def batch_key(self, prepared: Any, params: DetectParams) -> Hashable:
+        return "simulated"
+
+    def run_batch(self, items: list[tuple[Any, DetectParams]]) -> list[Any]:
+        time.sleep(self.batch_s + self.item_s * len(items))
+        return [prepared for prepared, _ in items]
+
+    def run(self, prepared: Any, params: DetectParams) -> Any:
+        return self.run_batch([(prepared, params)])[0]
+
+    def finish(self, raw: tuple[int, int], params: DetectParams, prepared: Any) -> list[Detection]:
+        height, width = raw
+        box = [0.0, 0.0, float(width), float(height)]
+        label = params.phrases[0] if params.phrases else None
+        if isinstance(params, SegmentParams):
+            return [Segmentation(label=label, score=0.5, box=box, mask=None, mask_score=0.5)]
+        return [Detection(label=label, score=0.5, box=box)]
+
+    def cache_stats(self) -> dict[str, int]:
+        return {}
