@@ -329,3 +329,18 @@ def test_a_batch_is_built_only_from_tasks_still_wanted() -> None:
     with pytest.raises(DeadlineExceeded):
         result(doomed.future)
     assert all("a2" not in batch for batch in runner.batches)
+
+
+def test_no_waiting_for_company_when_none_is_on_its_way() -> None:
+    coming = [0]
+    scheduler: Scheduler[str] = Scheduler(
+        ["r"], 8, runner=Recorder(), max_batch=4, batch_wait_s=1.0, company_hint=lambda: coming[0]
+    )
+    scheduler.start()
+    began = time.monotonic()
+    assert result(scheduler.submit("alone", far(), key="A").future) == "done alone"
+    assert time.monotonic() - began < 0.5  # nobody coming: no batch wait
+    coming[0] = 1
+    began = time.monotonic()
+    assert result(scheduler.submit("hopeful", far(), key="A").future) == "done hopeful"
+    assert time.monotonic() - began >= 0.9  # someone is being prepared: wait for them

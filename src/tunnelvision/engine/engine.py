@@ -21,7 +21,7 @@ import numpy as np
 from tunnelvision.engine.backend import Backend, BackendInfo
 from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, Scheduler
-from tunnelvision.errors import DeadlineExceeded, InvalidInput, NotFound
+from tunnelvision.errors import InvalidInput, NotFound
 from tunnelvision.imaging import RGBImage, decode_image
 from tunnelvision.schemas import (
     DetectParams,
@@ -70,7 +70,9 @@ class Engine:
             max_batch=config.max_batch,
             batch_wait_s=config.batch_wait_ms / 1000,
             on_batch=on_batch,
+            company_hint=lambda: self._preparing,
         )
+        self._preparing = 0  # requests decoded or being prepared, not yet queued
         self.images: ByteLRU[RGBImage] = ByteLRU(config.image_cache_bytes)
         self._cpu = ThreadPoolExecutor(config.cpu_threads, thread_name_prefix="cpu")
 
@@ -174,14 +176,16 @@ class Engine:
         check_prompts_inside(image, params)
         t_prepare = time.monotonic()
         backend = self.backends[0]  # prepare/finish are CPU work: any replica's processors do
-        prepared = await self._on_cpu(partial(backend.prepare, image, params, image_id))
-        t_submit = time.monotonic()
-        raw, device_start, device_end = await self.scheduler.run(
-            (prepared, params),
-            timeout_s=_remaining(deadline),
-            priority=INTERACTIVE,
-            key=backend.batch_key(prepared, params),
-        )
+        self._preparing += 1
+        try:
+            prepared = await self._on_cpu(partial(backend.prepare, image, params, image_id))
+            t_submit = time.monotonic()
+            task = self.scheduler.submit(
+                (prepared, params), deadline, INTERACTIVE, key=backend.batch_key(prepared, params)
+            )
+        finally:
+            self._preparing -= 1
+        raw, device_start, device_end = await self.scheduler.wait(task)
         detections = await self._on_cpu(partial(backend.finish, raw, params, prepared))
         done = time.monotonic()
         timings = {
@@ -221,13 +225,6 @@ def check_prompts_inside(image: RGBImage, params: DetectParams) -> None:
     for i, (x, y, _) in enumerate(params.points or []):
         if x >= width or y >= height:
             raise InvalidInput(f"point {i} lies outside the {width}x{height} image")
-
-
-def _remaining(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("deadline passed before the request reached the queue")
-    return remaining
 
 
 def _image_info(image: RGBImage) -> ImageInfo:

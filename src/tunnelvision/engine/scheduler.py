@@ -78,6 +78,7 @@ class Scheduler(Generic[R]):
         clock: Callable[[], float] = time.monotonic,
         name: str = "device",
         on_batch: BatchObserver | None = None,
+        company_hint: Callable[[], int] | None = None,
     ) -> None:
         self._replicas = list(replicas)
         self._max_queue = max_queue
@@ -85,6 +86,9 @@ class Scheduler(Generic[R]):
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._on_batch = on_batch
+        # How many requests are on their way to the queue (being decoded/prepared); with none,
+        # waiting for company only adds latency. None: always wait up to batch_wait_s.
+        self._company_hint = company_hint
         self._clock = clock
         self._name = name
         self._cond = threading.Condition()
@@ -144,7 +148,11 @@ class Scheduler(Generic[R]):
 
     async def run(self, item: Any, timeout_s: float, priority: int = 0, key: Hashable | None = None) -> Any:
         """Submit and await; on deadline or cancellation a queued task is dropped, not run."""
-        task = self.submit(item, self._clock() + timeout_s, priority, key)
+        return await self.wait(self.submit(item, self._clock() + timeout_s, priority, key))
+
+    async def wait(self, task: Task[Any]) -> Any:
+        """Await a submitted task until its deadline; cancelling the waiter drops a queued task."""
+        timeout_s = max(0.0, task.deadline - self._clock())
         waiter = asyncio.wrap_future(task.future)
         waiter.add_done_callback(_consume_result)
         try:
@@ -235,12 +243,15 @@ class Scheduler(Generic[R]):
         meanwhile is simply not taken: the batch holds what is still wanted when it starts."""
         room = self._max_batch - len(batch)
         until = self._clock() + self._batch_wait_s
-        while self._accepting and self._count_compatible(key) < room:
+        while self._accepting and self._count_compatible(key) < room and self._company_coming():
             remaining = until - self._clock()
             if remaining <= 0:
                 break
             self._cond.wait(remaining)
         batch += self._take_compatible(key, room)
+
+    def _company_coming(self) -> bool:
+        return self._company_hint is None or self._company_hint() > 0
 
     def _count_compatible(self, key: Hashable) -> int:
         return sum(1 for _, _, task in self._heap if task.state == "queued" and task.key == key)
