@@ -30,8 +30,15 @@ class Settings(BaseSettings):
         "facebook/sam-vit-base",
         description="SAM: hub id (sam-vit-base, -large, -huge) or local folder",
     )
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    device: str = Field(
+        "auto",
+        description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps; 'cuda:0,cuda:1': one copy each",
+    )
     dtype: Dtype = Field("float32", description="weights and activations dtype on the device")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="attention kernel where the model has it (SAM: sdpa; GroundingDINO: eager)"
+    )
+    compile: bool = Field(False, description="torch.compile SAM's image encoder (slow first pass, GPU)")
     host: str = Field("127.0.0.1", description="bind address (cloudflared connects over loopback)")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     keep_alive_s: int = Field(
@@ -108,6 +115,10 @@ class Settings(BaseSettings):
         if self.auth in ("access", "either", "both") and not self.access_configured:
             raise ValueError(f"auth={self.auth} needs access_team_domain and access_aud")
         return self
+
+    @property
+    def device_list(self) -> list[str]:
+        return _comma_list(self.device) or ["auto"]
 
     @property
     def access_configured(self) -> bool:

@@ -145,3 +145,18 @@ def test_a_prompt_longer_than_the_text_encoder_is_refused(backend: GroundedSam, 
     long_prompt = [" ".join(["forklift"] * 20) + f" {i}" for i in range(20)]
     with pytest.raises(InvalidInput, match="tokens"):
         backend.prepare(image, DetectParams(prompt=long_prompt))
+
+
+def test_sdpa_attention_where_the_architecture_has_it(backend: GroundedSam) -> None:
+    assert backend.sam.config._attn_implementation == "sdpa"
+    assert backend.detector.config._attn_implementation == "eager"  # GroundingDINO has no SDPA path
+
+
+def test_one_replica_per_configured_device(tiny_models: tuple[Path, Path]) -> None:
+    from support import make_settings
+    from tunnelvision.models.factory import build_backends
+
+    settings = make_settings(detector=str(tiny_models[0]), segmenter=str(tiny_models[1]), device="cpu, cpu")
+    backends = build_backends(settings)
+    assert len(backends) == 2 and all(b.info.device == "cpu" for b in backends)
+    assert backends[0] is not backends[1]

@@ -32,15 +32,19 @@ def build_backends(settings: Settings) -> list[Backend]:
         log.warning(DEMO_WARNING)
         folder = demo_models_folder()
         detector, segmenter = str(folder / "detector"), str(folder / "segmenter")
+    # One model copy and one device worker per device; the scheduler feeds whichever is free.
     return [
         GroundedSam(
             detector,
             segmenter,
-            settings.device,
+            device,
             settings.dtype,
             settings.sam_chunk_size,
             settings.cache_bytes,
+            settings.attention,
+            settings.compile,
         )
+        for device in settings.device_list
     ]
 
 

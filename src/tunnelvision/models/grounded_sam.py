@@ -16,6 +16,7 @@ from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
 from tunnelvision.imaging import RGBImage
 from tunnelvision.masks import batched_nms, encode_mask, mask_to_box
 from tunnelvision.models.loading import (
+    load_model,
     load_pretrained,
     processor_kwargs,
     resolve_device,
@@ -62,6 +63,8 @@ class GroundedSam:
         dtype: str = "float32",
         sam_chunk_size: int = 64,
         cache_bytes: int = 0,
+        attention: str = "sdpa",
+        compile_encoder: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -72,12 +75,14 @@ class GroundedSam:
             AutoProcessor.from_pretrained, det_src, "detector", **processor_kwargs()
         )
         self.detector = self._to_device(
-            load_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, det_src, "detector")
+            load_model(AutoModelForZeroShotObjectDetection.from_pretrained, det_src, "detector", attention)
         )
         self.sam_processor = load_pretrained(
             AutoProcessor.from_pretrained, seg_src, "segmenter", **processor_kwargs()
         )
-        self.sam = self._to_device(load_pretrained(SamModel.from_pretrained, seg_src, "segmenter"))
+        self.sam = self._to_device(load_model(SamModel.from_pretrained, seg_src, "segmenter", attention))
+        if compile_encoder:  # fixed input size (the padded square), so one compilation serves all
+            self.sam.vision_encoder = torch.compile(self.sam.vision_encoder)
         self.max_text_tokens = int(getattr(self.detector.config, "max_text_len", 256))
         self.info = BackendInfo(detector, segmenter, str(self.device), dtype)
 

@@ -71,6 +71,17 @@ def load_pretrained(loader: Callable[..., T], model: ModelSource, role: str, **k
         raise ModelUnavailable(_unavailable_message(model.source, role, str(exc).splitlines()[0])) from exc
 
 
+def load_model(loader: Callable[..., T], model: ModelSource, role: str, attention: str) -> T:
+    """With the requested attention kernel (SDPA) where the architecture has it, else its default."""
+    try:
+        return load_pretrained(loader, model, role, attn_implementation=attention)
+    except ModelUnavailable as exc:
+        if "attention implementation" not in str(exc.__cause__):
+            raise
+        log.info("%s: no '%s' attention in this architecture; using its default", role, attention)
+        return load_pretrained(loader, model, role)
+
+
 def _resolve_hub_id(repo_id: str, role: str) -> ModelSource:
     from huggingface_hub import constants, try_to_load_from_cache
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Size = Literal["tiny", "full"]
 
@@ -101,7 +101,28 @@ def write_random_detector(path: Path, size: Size) -> None:
     processor.save_pretrained(path)
 
 
-def write_random_segmenter(path: Path, size: Size) -> None:
+# The released SAM image encoders (the prompt encoder and mask decoder are the same for all).
+SAM_ENCODERS: dict[str, dict[str, Any]] = {
+    "vit-b": {},  # SamConfig's defaults
+    "vit-l": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [5, 11, 17, 23],
+        "mlp_dim": 4096,
+    },
+    "vit-h": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [7, 15, 23, 31],
+        "mlp_dim": 5120,
+    },
+}
+
+
+def write_random_segmenter(path: Path, size: Size, encoder: str = "vit-b") -> None:
+    """`encoder` picks the full-size variant: vit-b, vit-l or vit-h."""
     from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
 
     if size == "tiny":
@@ -133,7 +154,7 @@ def write_random_segmenter(path: Path, size: Size) -> None:
         )
     else:
         image_size = 1024
-        config = SamConfig()  # SAM ViT-B
+        config = SamConfig(vision_config=SAM_ENCODERS[encoder])
     SamModel(config).eval().save_pretrained(path)
     image_processor = SamImageProcessorPil(
         size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}

@@ -1,0 +1,141 @@
+"""GPU benchmark: transformers eager float32, one image at a time, vs tunnelvision's path (half
+precision, SDPA, batching across requests, optionally torch.compile), on the same full-size
+random-weight GroundingDINO-T + SAM (ViT-B and ViT-H) at 1024 px, in one run.
+
+    python bench/gpu.py                          # on the GPU (cuda)
+    python bench/gpu.py --compile                # also torch.compile SAM's image encoder
+    python bench/gpu.py --smoke                  # tiny models on the CPU: checks this script only
+
+Compute does not depend on weight values, so random weights cost what real ones cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tunnelvision.engine.engine import Engine, EngineConfig
+from tunnelvision.models.grounded_sam import GroundedSam
+from tunnelvision.models.random import Size, write_random_detector, write_random_segmenter
+from tunnelvision.schemas import SegmentParams
+
+
+@dataclass(frozen=True)
+class Path_:
+    name: str
+    dtype: str
+    attention: str
+    compile_encoder: bool
+    max_batch: int
+    concurrency: int
+
+
+def image_bytes(side: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def measure(backend: GroundedSam, path: Path_, image: bytes, requests: int) -> tuple[float, float]:
+    """Images per second and p50 latency (s) for `requests` segment calls, `concurrency` at a time."""
+    params = SegmentParams(prompt="cat . dog", box_threshold=0.3, max_detections=10, mask_format="none")
+    config = EngineConfig(max_queue=256, max_batch=path.max_batch, batch_wait_ms=5, image_cache_bytes=0)
+    async with Engine([backend], config) as engine:
+        for _ in range(3):
+            await engine.segment(image, params)  # warm-up (and compilation)
+        latencies: list[float] = []
+        gate = asyncio.Semaphore(path.concurrency)
+
+        async def one(index: int) -> None:
+            # A different image id per request, so the embedding cache does not flatter the result.
+            varied = image + index.to_bytes(4, "little")
+            async with gate:
+                began = time.monotonic()
+                await engine.segment(varied, params)
+                latencies.append(time.monotonic() - began)
+
+        began = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        elapsed = time.monotonic() - began
+    return requests / elapsed, statistics.median(latencies)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = "cpu" if args.smoke else args.device
+    size: Size = "tiny" if args.smoke else "full"
+    half = "float32" if args.smoke else args.dtype
+    paths = [
+        Path_("transformers eager float32, one at a time", "float32", "eager", False, 1, 1),
+        Path_(
+            f"tunnelvision {half} sdpa batch 8{' compiled' if args.compile else ''}",
+            half,
+            "sdpa",
+            args.compile,
+            8,
+            16,
+        ),
+    ]
+    image = image_bytes(128 if args.smoke else 1024)
+    print("| SAM encoder | path | images/s | p50 ms | speed-up |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        detector = Path(folder) / "detector"
+        write_random_detector(detector, size)
+        for encoder in ["vit-b"] if args.smoke else args.encoders:
+            segmenter = Path(folder) / f"sam-{encoder}"
+            write_random_segmenter(segmenter, size, encoder)
+            baseline = 0.0
+            for path in paths:
+                backend = GroundedSam(
+                    str(detector),
+                    str(segmenter),
+                    device,
+                    path.dtype,
+                    cache_bytes=0,
+                    attention=path.attention,
+                    compile_encoder=path.compile_encoder,
+                )
+                rate, p50 = asyncio.run(measure(backend, path, image, args.requests))
+                baseline = baseline or rate
+                print(f"| {encoder} | {path.name} | {rate:.2f} | {p50 * 1000:.0f} | {rate / baseline:.2f}x |")
+                del backend
+    print(f"\ndevice: {describe(device)}")
+
+
+def describe(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{device}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the script)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile SAM's image encoder")
+    parser.add_argument(
+        "--encoders", nargs="+", default=["vit-b", "vit-h"], choices=["vit-b", "vit-l", "vit-h"]
+    )
+    parser.add_argument("--requests", type=int, default=64)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The benchmark scripts stay runnable (their numbers come from runs on purpose, not from tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_benchmark_runs_in_smoke_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--requests", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| vit-b |")]
+    assert len(rows) == 2 and "device: cpu" in result.stdout
+
+
+def test_load_generator_refuses_other_hosts() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.loadgen import require_loopback
+
+    require_loopback("http://127.0.0.1:8000")
+    with pytest.raises(SystemExit):
+        require_loopback("http://10.0.0.5:8000")
