@@ -230,6 +230,24 @@ def memory_drift(png: bytes, models: tuple[Path, Path], requests: int) -> Measur
     return Measure(name, drift, "%", "<= 5", drift <= 5 and result.errors == 0)
 
 
+def batch_sweep(png: bytes, models: tuple[Path, Path], seconds: float) -> None:
+    """How max_batch and batch_wait_ms trade throughput for latency (how the defaults were chosen)."""
+    request = segment_request(png)
+    print("\n| device | max_batch | batch_wait_ms | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
+    devices = {
+        "simulated": ("--backend", "simulated"),
+        "tiny models": ("--detector", str(models[0]), "--segmenter", str(models[1])),
+    }
+    for device, flags in devices.items():
+        for max_batch, wait_ms in [(1, 0), (4, 5), (8, 5), (8, 20), (16, 5)]:
+            knobs = ("--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms))
+            with process(ours(*flags, *knobs), "/readyz") as (url, _):
+                load(url, request, 4, 1)
+                r = load(url, request, 16, seconds)
+            p50, p99 = r.percentile(0.5) * 1000, r.percentile(0.99) * 1000
+            print(f"| {device} | {max_batch} | {wait_ms} | {r.throughput:.1f} | {p50:.0f} | {p99:.0f} |")
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -238,6 +256,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short runs (under 3 minutes on 2 cores)")
+    parser.add_argument("--sweep", action="store_true", help="only the max_batch / batch_wait_ms sweep")
     args = parser.parse_args()
     quick = args.quick
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -251,6 +270,9 @@ def main() -> None:
         from tunnelvision.models.random import write_random_models
 
         models = write_random_models(Path(folder), "tiny")
+        if args.sweep:
+            batch_sweep(png, models, 6)
+            return
         sim_ratio, health, sim_runs = simulated_vs_seed(png, 5 if quick else 15)
         tiny_ratio, tiny_runs = tiny_vs_seed(png, models, 8 if quick else 20)
         overhead = http_overhead(png, models, 20 if quick else 100)
