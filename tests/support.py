@@ -21,8 +21,8 @@ from tunnelvision.api.app import create_app
 from tunnelvision.config import Settings
 from tunnelvision.engine.backend import BackendInfo
 from tunnelvision.errors import DeviceOutOfMemory
-from tunnelvision.imaging import RGBImage
-from tunnelvision.schemas import Detection, DetectParams, Segmentation, SegmentParams
+from tunnelvision.models.simulated import SimulatedBackend
+from tunnelvision.schemas import DetectParams
 
 
 def free_port() -> int:
@@ -58,20 +58,17 @@ class WorkerKilled(BaseException):
     """Not an Exception: escapes the worker's per-task handler, ending the worker thread."""
 
 
-class FakeBackend:
-    """Device cost and failures chosen by the test through prompt words:
+class FakeBackend(SimulatedBackend):
+    """The simulated device with failures chosen by the test through prompt words:
     'explode' raises a bug, 'oom' runs out of memory, 'die' kills the worker, 'slow' sleeps."""
 
-    info = BackendInfo("fake-detector", "fake-segmenter", "cpu", "float32")
-
     def __init__(self, cost_s: float = 0.0, slow_s: float = 1.0) -> None:
+        super().__init__()
+        self.info = BackendInfo("fake-detector", "fake-segmenter", "cpu", "float32")
         self.cost_s = cost_s
         self.slow_s = slow_s
         self.executed = 0
         self.started = threading.Event()
-
-    def prepare(self, image: RGBImage, params: DetectParams, image_id: str) -> tuple[int, int]:
-        return int(image.shape[0]), int(image.shape[1])
 
     def batch_key(self, prepared: Any, params: DetectParams) -> None:
         return None  # one at a time: the tests count executions
@@ -79,10 +76,7 @@ class FakeBackend:
     def run_batch(self, items: list[tuple[Any, DetectParams]]) -> list[Any]:
         return [self.run(prepared, params) for prepared, params in items]
 
-    def cache_stats(self) -> dict[str, int]:
-        return {}
-
-    def run(self, prepared: tuple[int, int], params: DetectParams) -> tuple[int, int]:
+    def run(self, prepared: Any, params: DetectParams) -> Any:
         self.executed += 1
         self.started.set()
         words = set(" ".join(params.phrases).split())
@@ -94,14 +88,6 @@ class FakeBackend:
             raise WorkerKilled()
         time.sleep(self.slow_s if "slow" in words else self.cost_s)  # releases the GIL
         return prepared
-
-    def finish(self, raw: tuple[int, int], params: DetectParams, prepared: Any) -> list[Detection]:
-        height, width = raw
-        box = [0.0, 0.0, float(width), float(height)]
-        label = params.phrases[0] if params.phrases else None
-        if isinstance(params, SegmentParams):
-            return [Segmentation(label=label, score=0.9, box=box, mask=None, mask_score=0.5)]
-        return [Detection(label=label, score=0.9, box=box)]
 
 
 class ThreadServer:
