@@ -23,6 +23,10 @@ def encode_rle(mask: BoolMask) -> RLE:
     return RLE(size=[int(v) for v in rle["size"]], counts=rle["counts"].decode("ascii"))
 
 
+def decode_rle(rle: RLE) -> BoolMask:
+    return np.asarray(coco_mask.decode({"size": rle.size, "counts": rle.counts.encode()}), dtype=bool)
+
+
 def encode_polygons(mask: BoolMask) -> list[list[float]]:
     """Outer contours as flat [x1, y1, x2, y2, ...] lists (COCO polygon style), >= 3 points."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -106,6 +106,12 @@ class SegmentParams(DetectParams):
         return self
 
 
+class AnnotateParams(SegmentParams):
+    """Options of /v1/annotate: those of /v1/segment, plus the picture's format."""
+
+    format: Literal["png", "jpeg"] = Field("png", description="the annotated image's format")
+
+
 class ImageField(BaseModel):
     image: str | None = Field(
         None, description="the image file (JPEG, PNG, WebP, ...) as base64; a data: URL is accepted"
@@ -118,6 +124,10 @@ class DetectJSONRequest(DetectRequestParams, ImageField):
 
 class SegmentJSONRequest(SegmentParams, ImageField):
     """application/json body of /v1/segment."""
+
+
+class AnnotateJSONRequest(AnnotateParams, ImageField):
+    """application/json body of /v1/annotate."""
 
 
 class ImageInfo(BaseModel):

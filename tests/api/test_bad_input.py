@@ -170,6 +170,15 @@ CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
         "only one",
     ),
     (
+        "annotate-format",
+        "/v1/annotate",
+        multipart(prompt="cat", format="gif"),
+        422,
+        "invalid_input",
+        "format",
+    ),
+    ("annotate-no-prompt", "/v1/annotate", multipart(), 422, "invalid_input", "nothing to segment"),
+    (
         "mask-format",
         "/v1/segment",
         multipart(prompt="cat", mask_format="bmp"),

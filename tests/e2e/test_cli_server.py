@@ -361,3 +361,26 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(tiny_models: tuple[
     assert together == alone
     batches = after["batches"] - before["batches"]
     assert after["batched_items"] - before["batched_items"] == len(prompts) and batches < len(prompts)
+
+
+def test_annotate_draws_the_masks_on_an_image_of_the_right_size(url: str) -> None:
+    from tunnelvision.masks import decode_rle
+    from tunnelvision.schemas import RLE
+
+    fields = {"boxes": "[[20, 20, 100, 90]]"}
+    response = post(url, "/v1/annotate", **fields)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png" and response.headers["x-detections"] == "1"
+    drawn = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(io.BytesIO(PNG)).convert("RGB")).astype(int)
+    assert drawn.shape == original.shape == (120, 160, 3)
+    mask = decode_rle(RLE(**post(url, "/v1/segment", **fields).json()["detections"][0]["mask"]))
+    changed = np.abs(drawn - original).sum(axis=2) > 0
+    assert mask.any() and changed[mask].mean() > 0.9  # the mask is painted
+    far_away = ~mask
+    far_away[15:95, 15:105] = False  # leave out the box outline and its label tag
+    far_away[:15, :] = False
+    assert changed[far_away].mean() < 0.01  # the rest is untouched
+    jpeg = post(url, "/v1/annotate", format="jpeg", **fields)
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(jpeg.content)).size == (160, 120)

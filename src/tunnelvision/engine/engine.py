@@ -18,12 +18,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from tunnelvision.drawing import annotate
 from tunnelvision.engine.backend import Backend, BackendInfo
 from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, Scheduler
 from tunnelvision.errors import InvalidInput, NotFound
 from tunnelvision.imaging import RGBImage, decode_image
 from tunnelvision.schemas import (
+    AnnotateParams,
     DetectParams,
     DetectResponse,
     ImageInfo,
@@ -45,6 +47,14 @@ class EngineConfig:
     max_batch: int = 1
     batch_wait_ms: float = 0.0
     image_cache_bytes: int = 0  # decoded images kept for `image_id` requests
+
+
+@dataclass(frozen=True)
+class Annotation:
+    content: bytes
+    media_type: str
+    image_id: str
+    detections: int
 
 
 @dataclass
@@ -140,6 +150,13 @@ class Engine:
             detections=detections,
             timings_ms=outcome.timings_ms,
         )
+
+    async def annotate(self, image: bytes | None, params: AnnotateParams) -> Annotation:
+        """The image with masks, boxes and labels drawn on it (PNG or JPEG)."""
+        as_rle = params.model_copy(update={"mask_format": "rle"})
+        outcome = await self._process(image, as_rle)
+        picture = await self._on_cpu(partial(annotate, outcome.image, outcome.detections, params.format))
+        return Annotation(picture, f"image/{params.format}", outcome.image_id, len(outcome.detections))
 
     async def warmup(self) -> None:
         """One pass through decode, both models and mask encoding, so the first user isn't slow."""

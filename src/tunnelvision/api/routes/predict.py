@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -15,8 +15,10 @@ from tunnelvision.api.deps import DOCUMENTED_AUTH, SettingsDep, StateDep
 from tunnelvision.api.errors import ClientDisconnected
 from tunnelvision.api.openapi import ERROR_RESPONSES, request_body
 from tunnelvision.api.parsing import read_prediction_request
-from tunnelvision.engine.engine import Engine
+from tunnelvision.engine.engine import Annotation, Engine
 from tunnelvision.schemas import (
+    AnnotateJSONRequest,
+    AnnotateParams,
     DetectJSONRequest,
     DetectParams,
     DetectRequestParams,
@@ -35,15 +37,17 @@ def add_prediction_route(
     summary: str,
     params_model: type[DetectParams],
     json_model: type[BaseModel],
-    response_model: type[BaseModel],
-    run: Callable[[Engine, bytes | None, Any], Coroutine[Any, Any, BaseModel]],
+    response_model: type[BaseModel] | None,
+    run: Callable[[Engine, bytes | None, Any], Coroutine[Any, Any, Any]],
+    respond: Callable[[Any], Awaitable[Response]],
+    responses: dict[int | str, dict[str, Any]] | None = None,
 ) -> None:
     async def predict(request: Request, state: StateDep, settings: SettingsDep) -> Response:
         engine = state.ready_engine()
         image, params = await read_prediction_request(request, params_model, settings.max_body_bytes)
         result = await until_disconnected(request, run(engine, image, params))
         request.state.timings_ms = getattr(result, "timings_ms", {})  # for the access log
-        return await json_response(result)
+        return await respond(result)
 
     router.add_api_route(
         path,
@@ -52,27 +56,14 @@ def add_prediction_route(
         name=path.strip("/"),
         summary=summary,
         response_model=response_model,
-        responses=ERROR_RESPONSES,
+        responses={**ERROR_RESPONSES, **(responses or {})},
         openapi_extra=request_body(params_model, json_model),
     )
 
 
-add_prediction_route(
-    "/detect",
-    "Boxes for the phrases of a text prompt (GroundingDINO)",
-    DetectRequestParams,
-    DetectJSONRequest,
-    DetectResponse,
-    Engine.detect,
-)
-add_prediction_route(
-    "/segment",
-    "Masks from a text prompt (GroundingDINO + SAM), from boxes or from points (SAM)",
-    SegmentParams,
-    SegmentJSONRequest,
-    SegmentResponse,
-    Engine.segment,
-)
+async def image_response(annotation: Annotation) -> Response:
+    headers = {"X-Image-Id": annotation.image_id, "X-Detections": str(annotation.detections)}
+    return Response(annotation.content, media_type=annotation.media_type, headers=headers)
 
 
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
@@ -101,3 +92,33 @@ async def json_response(model: BaseModel) -> Response:
     """Serialise off the event loop: mask payloads can be megabytes."""
     body = await run_in_threadpool(model.model_dump_json)
     return Response(body, media_type="application/json")
+
+
+add_prediction_route(
+    "/detect",
+    "Boxes for the phrases of a text prompt (GroundingDINO)",
+    DetectRequestParams,
+    DetectJSONRequest,
+    DetectResponse,
+    Engine.detect,
+    json_response,
+)
+add_prediction_route(
+    "/segment",
+    "Masks from a text prompt (GroundingDINO + SAM), from boxes or from points (SAM)",
+    SegmentParams,
+    SegmentJSONRequest,
+    SegmentResponse,
+    Engine.segment,
+    json_response,
+)
+add_prediction_route(
+    "/annotate",
+    "The image with masks, boxes, labels and scores drawn on it (the inputs of /v1/segment)",
+    AnnotateParams,
+    AnnotateJSONRequest,
+    None,
+    Engine.annotate,
+    image_response,
+    {200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the annotated image"}},
+)
