@@ -27,6 +27,18 @@ def decode_rle(rle: RLE) -> BoolMask:
     return np.asarray(coco_mask.decode({"size": rle.size, "counts": rle.counts.encode()}), dtype=bool)
 
 
+def decode_png(data: str) -> BoolMask:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("L")) > 0
+
+
+def decode_polygons(polygons: list[list[float]], height: int, width: int) -> BoolMask:
+    """Filled outer contours (holes are not represented in polygon output)."""
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    shapes = [np.asarray(p, dtype=np.int32).reshape(-1, 2) for p in polygons if len(p) >= 6]
+    cv2.fillPoly(canvas, shapes, 1)
+    return canvas.astype(bool)
+
+
 def encode_polygons(mask: BoolMask) -> list[list[float]]:
     """Outer contours as flat [x1, y1, x2, y2, ...] lists (COCO polygon style), >= 3 points."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -367,7 +367,7 @@ def test_annotate_draws_the_masks_on_an_image_of_the_right_size(url: str) -> Non
     from tunnelvision.masks import decode_rle
     from tunnelvision.schemas import RLE
 
-    fields = {"boxes": "[[20, 20, 100, 90]]"}
+    fields: dict[str, Any] = {"boxes": "[[20, 20, 100, 90]]"}
     response = post(url, "/v1/annotate", **fields)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png" and response.headers["x-detections"] == "1"
@@ -384,3 +384,20 @@ def test_annotate_draws_the_masks_on_an_image_of_the_right_size(url: str) -> Non
     jpeg = post(url, "/v1/annotate", format="jpeg", **fields)
     assert jpeg.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(jpeg.content)).size == (160, 120)
+
+
+def test_client_decodes_every_mask_format_to_the_same_arrays(url: str) -> None:
+    from tunnelvision import Client
+    from tunnelvision.client import decode_masks
+
+    with Client(url) as client:
+        by_format = {
+            fmt: decode_masks(client.segment(PNG, boxes=[[10, 10, 120, 100]], mask_format=fmt))[0]
+            for fmt in ("rle", "png", "polygon")
+        }
+    assert all(mask.shape == (120, 160) and mask.dtype == bool for mask in by_format.values())
+    assert np.array_equal(by_format["rle"], by_format["png"])
+    overlap = (by_format["rle"] & by_format["polygon"]).sum() / max(
+        1, (by_format["rle"] | by_format["polygon"]).sum()
+    )
+    assert overlap > 0.8  # polygons trace the outer contours only

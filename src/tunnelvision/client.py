@@ -1,0 +1,311 @@
+"""Python client: `Client(url, api_key)` and `AsyncClient`, on the server's own schemas.
+
+    from tunnelvision import Client
+    with Client("https://api.example.com", api_key="tv_...") as client:
+        result = client.segment("cat.jpg", prompt="a cat")
+        masks = decode_masks(result)          # numpy bool arrays, one per detection
+
+Images may be a path, bytes, a PIL image or a numpy array. 429 and 503 answers are retried after
+their Retry-After (bounded); other errors raise `APIError` subclasses carrying the JSON error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel
+
+from tunnelvision.masks import BoolMask, decode_png, decode_polygons, decode_rle
+from tunnelvision.schemas import RLE, DetectResponse, ModelsResponse, SegmentResponse
+
+ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+M = TypeVar("M", bound=BaseModel)
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRYABLE = (429, 503)
+
+
+class APIError(Exception):
+    """An error answer: its status, and the server's `{"error": {code, message, request_id}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+        self.request_id, self.retry_after_s = request_id, retry_after_s
+
+
+class InvalidRequest(APIError):
+    """400, 404, 413, 415, 422: the request must change."""
+
+
+class AuthenticationError(APIError):
+    """401/403: missing or wrong key, or Cloudflare Access refused."""
+
+
+class Overloaded(APIError):
+    """429/503 after the retries ran out."""
+
+
+class ServerError(APIError):
+    """500 and other failures on the server's side (quote request_id when reporting)."""
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        error = {"code": "http_error", "message": response.text[:500]}
+    kind = (
+        AuthenticationError
+        if response.status_code in (401, 403)
+        else Overloaded
+        if response.status_code in RETRYABLE
+        else ServerError
+        if response.status_code >= 500
+        else InvalidRequest
+    )
+    raise kind(
+        response.status_code,
+        error.get("code", "http_error"),
+        error.get("message", ""),
+        error.get("request_id"),
+        retry_after(response),
+    )
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """Any of the accepted image kinds as an encoded file (PNG for in-memory pixels)."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_masks(result: SegmentResponse) -> list[BoolMask]:
+    """Each detection's mask as a (height, width) bool array, whatever the mask_format was."""
+    height, width = result.image.height, result.image.width
+    masks = []
+    for detection in result.detections:
+        mask = detection.mask
+        if isinstance(mask, RLE):
+            masks.append(decode_rle(mask))
+        elif isinstance(mask, str):
+            masks.append(decode_png(mask))
+        elif isinstance(mask, list):
+            masks.append(decode_polygons(mask, height, width))
+        else:
+            raise ValueError("no masks in this result: ask for mask_format rle, png or polygon")
+    return masks
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API call, built the same way for both clients."""
+
+    path: str
+    files: dict[str, Any] | None
+    data: dict[str, str]
+
+    @classmethod
+    def build(cls, path: str, image: ImageInput | None, fields: dict[str, Any]) -> Call:
+        data = {k: _form_value(v) for k, v in fields.items() if v is not None}
+        files = (
+            {"image": ("image", image_bytes(image), "application/octet-stream")}
+            if image is not None
+            else None
+        )
+        return cls(path, files, data)
+
+    def send_kwargs(self) -> dict[str, Any]:
+        if self.files is None:  # image_id only: no file to upload, so JSON
+            return {"json": {k: _json_value(v) for k, v in self.data.items()}}
+        return {"files": self.files, "data": self.data}
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _json_value(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _fields(prompt: Any = None, **options: Any) -> dict[str, Any]:
+    if isinstance(prompt, list):  # a list of labels travels as one JSON field
+        prompt = ". ".join(prompt)
+    return {"prompt": prompt, **options}
+
+
+class _Base:
+    def __init__(self, url: str | None, api_key: str | None, retries: int, max_wait_s: float) -> None:
+        self.url = (url or os.environ.get("TUNNELVISION_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key or os.environ.get("TUNNELVISION_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.retries, self.max_wait_s = retries, max_wait_s
+
+    def _wait_s(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying this answer; None when it is final."""
+        if response.status_code not in RETRYABLE or attempt >= self.retries:
+            return None
+        return min(self.max_wait_s, retry_after(response) or 2.0**attempt)
+
+
+class Client(_Base):
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        max_wait_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, retries, max_wait_s)
+        self._http = httpx.Client(
+            base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def detect(
+        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+    ) -> DetectResponse:
+        return self._model(DetectResponse, Call.build("/v1/detect", image, _fields(prompt, **options)))
+
+    def segment(
+        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+    ) -> SegmentResponse:
+        """options: boxes, points, image_id, box_threshold, text_threshold, multimask, mask_format..."""
+        return self._model(SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, **options)))
+
+    def annotate(
+        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+    ) -> bytes:
+        """The annotated image file (PNG, or JPEG with format='jpeg')."""
+        return self._send("POST", Call.build("/v1/annotate", image, _fields(prompt, **options))).content
+
+    def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(self._send("GET", Call("/v1/models", None, {})).json())
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").status_code == 200
+
+    def _model(self, model: type[M], call: Call) -> M:
+        return model.model_validate(self._send("POST", call).json())
+
+    def _send(self, method: str, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            kwargs = call.send_kwargs() if method == "POST" else {}
+            response = self._http.request(method, call.path, **kwargs)
+            wait_s = self._wait_s(response, attempt)
+            if wait_s is None:
+                raise_for_error(response)
+                return response
+            time.sleep(wait_s)
+            attempt += 1
+
+
+class AsyncClient(_Base):
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        max_wait_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, retries, max_wait_s)
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def detect(
+        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+    ) -> DetectResponse:
+        return await self._model(DetectResponse, Call.build("/v1/detect", image, _fields(prompt, **options)))
+
+    async def segment(
+        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+    ) -> SegmentResponse:
+        return await self._model(
+            SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, **options))
+        )
+
+    async def annotate(
+        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+    ) -> bytes:
+        call = Call.build("/v1/annotate", image, _fields(prompt, **options))
+        return (await self._send("POST", call)).content
+
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate((await self._send("GET", Call("/v1/models", None, {}))).json())
+
+    async def _model(self, model: type[M], call: Call) -> M:
+        return model.model_validate((await self._send("POST", call)).json())
+
+    async def _send(self, method: str, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            kwargs = call.send_kwargs() if method == "POST" else {}
+            response = await self._http.request(method, call.path, **kwargs)
+            wait_s = self._wait_s(response, attempt)
+            if wait_s is None:
+                raise_for_error(response)
+                return response
+            await asyncio.sleep(wait_s)
+            attempt += 1
