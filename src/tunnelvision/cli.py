@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     random.set_defaults(handler=run_models_random)
 
     add_keys_commands(commands)
+    add_predict_command(commands)
     add_tunnel_commands(commands)
     add_doctor_command(commands)
     return parser
@@ -118,6 +119,45 @@ def run_models_random(args: argparse.Namespace) -> int:
     detector, segmenter = write_random_models(args.out, args.size, args.seed)
     print(f"wrote {detector} and {segmenter} ({args.size}, random weights)")
     return 0
+
+
+def add_predict_command(commands: Any) -> None:
+    predict = commands.add_parser("predict", help="segment files, folders and globs through a server")
+    predict.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
+    predict.add_argument("--prompt", required=True, help="phrases separated by '.', e.g. 'forklift . person'")
+    predict.add_argument("--url", default=None, help="server (default: TUNNELVISION_URL or 127.0.0.1:8000)")
+    predict.add_argument("--key", default=None, help="API key (default: TUNNELVISION_API_KEY)")
+    predict.add_argument("--concurrency", type=int, default=4)
+    predict.add_argument("--out", type=Path, default=None, help="write overlays, masks and JSON here")
+    predict.add_argument("--coco", type=Path, default=None, help="write COCO instances (RLE) to this file")
+    predict.add_argument("--box-threshold", type=float, default=None)
+    predict.add_argument("--text-threshold", type=float, default=None)
+    predict.add_argument("--max-detections", type=int, default=None)
+    predict.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from tunnelvision.batch import CocoWriter, Predictor, find_images, predict
+    from tunnelvision.client import Client
+    from tunnelvision.schemas import normalize_prompt
+
+    jobs = find_images(args.paths)
+    if not jobs:
+        print("tunnelvision: no images found", file=sys.stderr)
+        return 2
+    options = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections")}
+    coco = CocoWriter(args.coco, normalize_prompt(args.prompt))
+    with Client(args.url, args.key) as client, Progress(transient=True) as progress:
+        predictor = Predictor(
+            client, args.prompt, {k: v for k, v in options.items() if v is not None}, args.out, coco
+        )
+        summary = predict(jobs, predictor, args.concurrency, progress)
+    for name, error in sorted(summary.failed.items()):
+        print(f"failed: {name}: {error}", file=sys.stderr)
+    print(f"{summary.done} done, {summary.skipped} skipped (already done), {len(summary.failed)} failed")
+    return 1 if summary.failed else 0
 
 
 def add_tunnel_commands(commands: Any) -> None:
