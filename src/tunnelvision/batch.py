@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -15,9 +14,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as coco_mask
 
 from tunnelvision.client import APIError, Client
+from tunnelvision.coco import Coco
 from tunnelvision.drawing import annotate
 from tunnelvision.imaging import decode_image
 from tunnelvision.masks import decode_rle
@@ -59,59 +58,23 @@ def find_images(inputs: Iterable[str]) -> list[Job]:
 
 
 class CocoWriter:
-    """COCO instances built as results arrive; saved atomically, so a rerun can resume from it."""
+    """COCO built as results arrive, saved atomically after each image, so a rerun can resume."""
 
     def __init__(self, path: Path | None, labels: list[str]) -> None:
         self.path = path
-        self.lock = threading.Lock()
-        existing = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-        self.data: dict[str, Any] = {
-            "images": existing.get("images", []),
-            "annotations": existing.get("annotations", []),
-            "categories": existing.get("categories")
-            or [{"id": i, "name": label, "supercategory": "object"} for i, label in enumerate(labels, 1)],
-        }
-        self.category_ids = {c["name"]: c["id"] for c in self.data["categories"]}
+        existing = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        self.coco = Coco(labels, existing)
 
     def done(self) -> set[str]:
-        return {image["file_name"] for image in self.data["images"]}
+        return self.coco.file_names()
 
     def add(self, name: str, result: SegmentResponse) -> None:
-        with self.lock:
-            image_id = 1 + max((i["id"] for i in self.data["images"]), default=0)
-            self.data["images"].append(
-                {
-                    "id": image_id,
-                    "file_name": name,
-                    "width": result.image.width,
-                    "height": result.image.height,
-                }
-            )
-            for detection in result.detections:
-                if isinstance(detection.mask, RLE) and detection.label in self.category_ids:
-                    self.data["annotations"].append(self._annotation(image_id, detection))
-            self.save()
-
-    def _annotation(self, image_id: int, detection: Any) -> dict[str, Any]:
-        rle = {"size": detection.mask.size, "counts": detection.mask.counts}
-        x1, y1, x2, y2 = detection.box
-        return {
-            "id": 1 + len(self.data["annotations"]),
-            "image_id": image_id,
-            "category_id": self.category_ids[detection.label],
-            "segmentation": rle,
-            "area": float(coco_mask.area({"size": rle["size"], "counts": rle["counts"].encode()})),
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "iscrowd": 0,
-            "score": detection.score,
-        }
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        staging = self.path.with_suffix(".tmp")
-        staging.write_text(json.dumps(self.data))
-        os.replace(staging, self.path)
+        self.coco.add(name, result)
+        if self.path is not None:
+            with self.coco.lock:
+                staging = self.path.with_suffix(".tmp")
+                staging.write_text(json.dumps(self.coco.data))
+                os.replace(staging, self.path)
 
 
 @dataclass

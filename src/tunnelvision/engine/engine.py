@@ -140,8 +140,11 @@ class Engine:
             timings_ms=outcome.timings_ms,
         )
 
-    async def segment(self, image: bytes | None, params: SegmentParams) -> SegmentResponse:
-        outcome = await self._process(image, params)
+    async def segment(
+        self, image: bytes | None, params: SegmentParams, priority: int = INTERACTIVE
+    ) -> SegmentResponse:
+        """`priority`: BACKGROUND for batch jobs, which then yield to interactive requests."""
+        outcome = await self._process(image, params, priority)
         detections = [d for d in outcome.detections if isinstance(d, Segmentation)]
         return SegmentResponse(
             image=_image_info(outcome.image),
@@ -164,7 +167,9 @@ class Engine:
         params = SegmentParams(prompt="object", box_threshold=0.0, max_detections=1)
         await self._process_decoded(image, "warmup", params, time.monotonic())
 
-    async def _process(self, data: bytes | None, params: DetectParams) -> _Outcome:
+    async def _process(
+        self, data: bytes | None, params: DetectParams, priority: int = INTERACTIVE
+    ) -> _Outcome:
         started = time.monotonic()
         if data is None:
             image, image_id = self._cached_image(params.image_id or "")
@@ -174,7 +179,7 @@ class Engine:
             )
             self.images.put(image_id, image, image.nbytes)
         decoded = time.monotonic()
-        outcome = await self._process_decoded(image, image_id, params, started)
+        outcome = await self._process_decoded(image, image_id, params, started, priority)
         outcome.timings_ms["decode"] = _ms(decoded - started)
         return outcome
 
@@ -187,7 +192,12 @@ class Engine:
         return image, image_id
 
     async def _process_decoded(
-        self, image: RGBImage, image_id: str, params: DetectParams, started: float
+        self,
+        image: RGBImage,
+        image_id: str,
+        params: DetectParams,
+        started: float,
+        priority: int = INTERACTIVE,
     ) -> _Outcome:
         deadline = started + self.config.deadline_s
         check_prompts_inside(image, params)
@@ -198,7 +208,7 @@ class Engine:
             prepared = await self._on_cpu(partial(backend.prepare, image, params, image_id))
             t_submit = time.monotonic()
             task = self.scheduler.submit(
-                (prepared, params), deadline, INTERACTIVE, key=backend.batch_key(prepared, params)
+                (prepared, params), deadline, priority, key=backend.batch_key(prepared, params)
             )
         finally:
             self._preparing -= 1
