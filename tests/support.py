@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ def make_settings(**overrides: Any) -> Settings:
         "warmup": False,
         "deadline_s": 30.0,
         "keys_file": "/nonexistent/tunnelvision-keys.json",
+        "data_dir": tempfile.mkdtemp(prefix="tunnelvision-data-"),
     }
     values.update(overrides)
     return Settings(**values)
@@ -195,6 +197,8 @@ def cli_server(
         "0",
         "--max-inflight-per-client",
         "0",
+        "--data-dir",
+        tempfile.mkdtemp(prefix="tunnelvision-data-"),
         "--max-batch",  # queue tests count requests one by one; batching tests pass their own
         "1",
         "--log-level",

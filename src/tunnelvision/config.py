@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="one JSON line per request (never the key itself)")
 
+    # -- jobs ------------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".local" / "share" / "tunnelvision",
+        description="where jobs (SQLite database and uploaded images) are kept",
+    )
+    jobs_quota_bytes: int = Field(
+        2 * 1024**3, ge=0, description="disk for the images of unfinished jobs; more gets 507"
+    )
+    max_job_images: int = Field(1000, ge=1, description="images in one job")
+
     # -- exposure: authentication, limits, proxies ---------------------------------------------
     auth: AuthPolicy = Field(
         "auto", description="auto (whatever is configured), keys, access, either or both"

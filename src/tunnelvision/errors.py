@@ -75,3 +75,7 @@ class WorkerUnavailable(Retryable):
 
 class DeviceOutOfMemory(Retryable):
     code = "device_out_of_memory"
+
+
+class QuotaExceeded(TunnelvisionError):
+    code = "quota_exceeded"

@@ -22,7 +22,7 @@ from tunnelvision.api.middleware import (
     RequestRecordMiddleware,
     access_log_sink,
 )
-from tunnelvision.api.routes import health, metrics, predict
+from tunnelvision.api.routes import health, jobs, metrics, predict
 from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import Settings
 from tunnelvision.metrics import Metrics
@@ -46,13 +46,15 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers at once, /readyz says what is happening.
         loading = asyncio.create_task(state.load())
+        jobs = asyncio.create_task(state.job_runner.run_forever())  # resumes unfinished jobs
         try:
             yield
         finally:
             state.begin_shutdown()
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            for task in (loading, jobs):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await state.close()
 
     app = FastAPI(title="tunnelvision", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -61,6 +63,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(metrics.router)
+    app.include_router(jobs.router)
     add_middleware(app, settings, state)
     return app
 

@@ -18,6 +18,7 @@ from tunnelvision.errors import (
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     Retryable,
     TunnelvisionError,
     UnsupportedMediaType,
@@ -43,6 +44,7 @@ STATUS_BY_ERROR: dict[type[TunnelvisionError], int] = {
     Retryable: 503,
     ModelUnavailable: 503,
     DeadlineExceeded: 504,
+    QuotaExceeded: 507,
 }
 
 _CODE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

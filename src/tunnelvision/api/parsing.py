@@ -72,12 +72,12 @@ async def _read_multipart(request: Request) -> tuple[bytes | None, dict[str, Any
         if upload is not None and not isinstance(upload, UploadFile):
             raise InvalidImage("'image' must be a file field named 'image'")
         image = await upload.read() if upload is not None else None
-        return image, _form_fields(form.multi_items())
+        return image, form_fields(form.multi_items())
     finally:
         await form.close()
 
 
-def _form_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
+def form_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, value in items:
         if name == "image":

@@ -11,6 +11,8 @@ from tunnelvision.config import Settings
 from tunnelvision.engine.backend import Backend
 from tunnelvision.engine.engine import Engine, EngineConfig
 from tunnelvision.errors import ModelUnavailable, NotReady, ShuttingDown, WorkerUnavailable
+from tunnelvision.jobs.runner import JobRunner
+from tunnelvision.jobs.store import JobStore
 from tunnelvision.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ class AppState:
         # Called with the reason when models cannot load; `serve` uses it to exit non-zero.
         self.on_fatal: Callable[[str], None] | None = None
         self.metrics = Metrics(self.snapshot)
+        self.jobs = JobStore(settings.data_dir / "jobs")
+        self.job_runner = JobRunner(self.jobs, lambda: self.engine if self.phase == "ready" else None)
 
     async def load(self) -> None:
         try:
