@@ -26,7 +26,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from tunnelvision.masks import BoolMask, decode_png, decode_polygons, decode_rle
-from tunnelvision.schemas import RLE, DetectResponse, ModelsResponse, SegmentResponse
+from tunnelvision.schemas import RLE, DetectResponse, JobStatus, ModelsResponse, SegmentResponse
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 M = TypeVar("M", bound=BaseModel)
@@ -133,7 +133,7 @@ class Call:
     """One API call, built the same way for both clients."""
 
     path: str
-    files: dict[str, Any] | None
+    files: dict[str, Any] | list[tuple[str, Any]] | None
     data: dict[str, str]
 
     @classmethod
@@ -146,10 +146,25 @@ class Call:
         )
         return cls(path, files, data)
 
-    def send_kwargs(self) -> dict[str, Any]:
+    def send_kwargs(self, method: str) -> dict[str, Any]:
+        if method != "POST":
+            return {}
         if self.files is None:  # image_id only: no file to upload, so JSON
             return {"json": {k: _json_value(v) for k, v in self.data.items()}}
         return {"files": self.files, "data": self.data}
+
+
+def job_call(images: list[ImageInput], prompt: str | list[str], options: dict[str, Any]) -> Call:
+    files = [
+        ("images", (_name_of(image, i), image_bytes(image), "application/octet-stream"))
+        for i, image in enumerate(images)
+    ]
+    data = {k: _form_value(v) for k, v in _fields(prompt, **options).items() if v is not None}
+    return Call("/v1/jobs", files, data)
+
+
+def _name_of(image: ImageInput, index: int) -> str:
+    return Path(image).name if isinstance(image, str | os.PathLike) else f"image-{index:05d}.png"
 
 
 def _form_value(value: Any) -> str:
@@ -231,6 +246,27 @@ class Client(_Base):
     def models(self) -> ModelsResponse:
         return ModelsResponse.model_validate(self._send("GET", Call("/v1/models", None, {})).json())
 
+    def create_job(self, images: list[ImageInput], prompt: str | list[str], **options: Any) -> JobStatus:
+        """Many images at background priority; follow with `job`, `wait_job`, `job_result`."""
+        return JobStatus.model_validate(self._send("POST", job_call(images, prompt, options)).json())
+
+    def job(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._send("GET", Call(f"/v1/jobs/{job_id}", None, {})).json())
+
+    def wait_job(self, job_id: str, poll_s: float = 2.0, timeout_s: float = 3600.0) -> JobStatus:
+        end = time.monotonic() + timeout_s
+        while (status := self.job(job_id)).status in ("queued", "running") and time.monotonic() < end:
+            time.sleep(poll_s)
+        return status
+
+    def job_result(self, job_id: str) -> dict[str, Any]:
+        """COCO instances of the images finished so far."""
+        result: dict[str, Any] = self._send("GET", Call(f"/v1/jobs/{job_id}/result", None, {})).json()
+        return result
+
+    def cancel_job(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._send("DELETE", Call(f"/v1/jobs/{job_id}", None, {})).json())
+
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
 
@@ -240,8 +276,7 @@ class Client(_Base):
     def _send(self, method: str, call: Call) -> httpx.Response:
         attempt = 0
         while True:
-            kwargs = call.send_kwargs() if method == "POST" else {}
-            response = self._http.request(method, call.path, **kwargs)
+            response = self._http.request(method, call.path, **call.send_kwargs(method))
             wait_s = self._wait_s(response, attempt)
             if wait_s is None:
                 raise_for_error(response)
@@ -295,14 +330,31 @@ class AsyncClient(_Base):
     async def models(self) -> ModelsResponse:
         return ModelsResponse.model_validate((await self._send("GET", Call("/v1/models", None, {}))).json())
 
+    async def create_job(
+        self, images: list[ImageInput], prompt: str | list[str], **options: Any
+    ) -> JobStatus:
+        return JobStatus.model_validate((await self._send("POST", job_call(images, prompt, options))).json())
+
+    async def job(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(
+            (await self._send("GET", Call(f"/v1/jobs/{job_id}", None, {}))).json()
+        )
+
+    async def job_result(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = (await self._send("GET", Call(f"/v1/jobs/{job_id}/result", None, {}))).json()
+        return result
+
+    async def cancel_job(self, job_id: str) -> JobStatus:
+        response = await self._send("DELETE", Call(f"/v1/jobs/{job_id}", None, {}))
+        return JobStatus.model_validate(response.json())
+
     async def _model(self, model: type[M], call: Call) -> M:
         return model.model_validate((await self._send("POST", call)).json())
 
     async def _send(self, method: str, call: Call) -> httpx.Response:
         attempt = 0
         while True:
-            kwargs = call.send_kwargs() if method == "POST" else {}
-            response = await self._http.request(method, call.path, **kwargs)
+            response = await self._http.request(method, call.path, **call.send_kwargs(method))
             wait_s = self._wait_s(response, attempt)
             if wait_s is None:
                 raise_for_error(response)

@@ -233,3 +233,13 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    total: int = Field(..., description="images in the job")
+    done: int
+    failed: int
+    progress: float = Field(..., description="(done + failed) / total")
+    created: float = Field(..., description="Unix time")

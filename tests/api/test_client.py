@@ -84,3 +84,25 @@ def test_async_client(server: ThreadServer) -> None:
 
     results = asyncio.run(scenario())
     assert [r.detections[0].label for r in results] == [f"thing {i}" for i in range(4)]
+
+
+def test_jobs_through_the_client(server: ThreadServer, tmp_path: Path) -> None:
+    path = tmp_path / "first.png"
+    path.write_bytes(PNG)
+    with Client(server.url) as client:
+        created = client.create_job([path, image_bytes(20, 10)], prompt="cat . dog", box_threshold=0.1)
+        assert created.total == 2
+        finished = client.wait_job(created.id, poll_s=0.05, timeout_s=30)
+        assert (finished.status, finished.done) == ("done", 2)
+        coco = client.job_result(created.id)
+        assert sorted(i["file_name"] for i in coco["images"]) == ["first.png", "image-00001.png"]
+        assert client.cancel_job(created.id).status == "done"  # nothing left to cancel
+        with pytest.raises(InvalidRequest):
+            client.job("missing")
+
+    async def via_async() -> str:
+        async with AsyncClient(server.url) as client:
+            job = await client.create_job([PNG], prompt="cat")
+            return (await client.job(job.id)).id
+
+    assert asyncio.run(via_async())

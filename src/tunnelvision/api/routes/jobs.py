@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -22,20 +21,10 @@ from tunnelvision.coco import Coco
 from tunnelvision.config import Settings
 from tunnelvision.errors import InvalidImage, InvalidInput, NotFound, QuotaExceeded
 from tunnelvision.jobs.store import JobRow, Upload
-from tunnelvision.schemas import SegmentParams, SegmentResponse
+from tunnelvision.schemas import JobStatus, SegmentParams, SegmentResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=DOCUMENTED_AUTH)
 JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_detections", "multimask")
-
-
-class JobStatus(BaseModel):
-    id: str
-    status: str
-    total: int
-    done: int
-    failed: int
-    progress: float
-    created: float
 
 
 @router.post(
