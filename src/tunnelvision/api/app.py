@@ -22,7 +22,7 @@ from tunnelvision.api.middleware import (
     RequestRecordMiddleware,
     access_log_sink,
 )
-from tunnelvision.api.routes import health, jobs, metrics, predict
+from tunnelvision.api.routes import health, jobs, metrics, playground, predict
 from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import Settings
 from tunnelvision.metrics import Metrics
@@ -64,6 +64,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.include_router(predict.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)
+    app.include_router(playground.router)
     add_middleware(app, settings, state)
     return app
 

@@ -19,7 +19,7 @@ from tunnelvision.security.keys import KeyStore
 from tunnelvision.security.proxy import client_address, parse_networks
 from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter, retry_after_header
 
-ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz"})
+ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz", "/"})  # "/": the playground page (it asks for a key)
 DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 WWW_AUTHENTICATE = 'Bearer realm="tunnelvision"'
 
