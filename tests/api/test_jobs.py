@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 
 from support import FakeBackend, ThreadServer, image_bytes, make_settings, wait_for
@@ -161,3 +162,13 @@ def test_unknown_job_ids_are_404(server: ThreadServer) -> None:
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert httpx.get(f"{server.url}/v1/jobs/nope/result").status_code == 404
     assert json.loads(httpx.get(f"{server.url}/healthz").text) == {"status": "ok"}
+
+
+def test_a_job_whose_every_image_fails_is_failed(server: ThreadServer) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (1200, 1000)).save(buffer, format="PNG")  # small file, over max_image_pixels (1 MP)
+    files = [("images", ("huge.png", buffer.getvalue(), "image/png"))]
+    job_id = submit(server.url, files).json()["id"]
+    wait_for(lambda: httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["status"] == "failed")
+    status = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
+    assert (status["done"], status["failed"]) == (0, 1)

@@ -107,13 +107,13 @@ class JobStore:
                 "UPDATE items SET status = ?, result = ?, error = ? WHERE job_id = ? AND idx = ?",
                 (status, result, error, job_id, index),
             )
-            pending = db.execute(
-                "SELECT COUNT(*) FROM items WHERE job_id = ? AND status = 'pending'", (job_id,)
-            ).fetchone()[0]
-            if pending == 0:
+            pending, done = db.execute(
+                "SELECT SUM(status = 'pending'), SUM(status = 'done') FROM items WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if not pending:  # finished: 'failed' only when no image succeeded
                 db.execute(
-                    "UPDATE jobs SET status = 'done' WHERE id = ? AND status IN ('queued', 'running')",
-                    (job_id,),
+                    "UPDATE jobs SET status = ? WHERE id = ? AND status IN ('queued', 'running')",
+                    ("done" if done else "failed", job_id),
                 )
 
     def cancel(self, job_id: str) -> None:
