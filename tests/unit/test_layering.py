@@ -9,6 +9,7 @@ CHECK = """
 import sys
 import tunnelvision.engine.engine, tunnelvision.engine.scheduler
 import tunnelvision.models.grounded_sam, tunnelvision.models.factory, tunnelvision.models.random
+import tunnelvision.jobs.runner, tunnelvision.jobs.store, tunnelvision.client, tunnelvision.batch
 web = sorted(m for m in sys.modules if m.split('.')[0] in {'fastapi', 'starlette', 'uvicorn'}
              or m.startswith('tunnelvision.api'))
 print(','.join(web))
