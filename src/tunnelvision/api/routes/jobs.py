@@ -44,12 +44,12 @@ async def create_job(request: Request, state: StateDep, settings: SettingsDep) -
     params = validate_params(SegmentParams, fields)
     if not params.phrases:
         raise InvalidInput("a job needs a text prompt: its phrases become the COCO categories")
-    _check_quota(state.jobs.bytes_used(), uploads, settings)
+    _check_quota(await run_in_threadpool(state.jobs.bytes_used), uploads, settings)
     options = params.model_dump(include=set(JOB_OPTIONS))
     owner = _owner(request)
     job_id = await run_in_threadpool(state.jobs.create, owner, uploads, options, params.phrases)
     state.job_runner.wake.set()
-    job = _job(state, job_id, owner)
+    job = await _job(state, job_id, owner)
     return JSONResponse(
         _status(job).model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"}
     )
@@ -57,7 +57,7 @@ async def create_job(request: Request, state: StateDep, settings: SettingsDep) -
 
 @router.get("/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="A job's status")
 async def job_status(job_id: str, request: Request, state: StateDep) -> JobStatus:
-    return _status(_job(state, job_id, _owner(request)))
+    return _status(await _job(state, job_id, _owner(request)))
 
 
 @router.get(
@@ -66,7 +66,7 @@ async def job_status(job_id: str, request: Request, state: StateDep) -> JobStatu
     summary="COCO instances of the images finished so far (RLE segmentations)",
 )
 async def job_result(job_id: str, request: Request, state: StateDep) -> JSONResponse:
-    job = _job(state, job_id, _owner(request))
+    job = await _job(state, job_id, _owner(request))
     coco = Coco(job.labels)
     for file_name, result in await run_in_threadpool(state.jobs.results, job_id):
         coco.add(
@@ -80,18 +80,19 @@ async def job_result(job_id: str, request: Request, state: StateDep) -> JSONResp
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="Cancel a job")
 async def cancel_job(job_id: str, request: Request, state: StateDep) -> JobStatus:
-    _job(state, job_id, _owner(request))
+    await _job(state, job_id, _owner(request))
     await run_in_threadpool(state.jobs.cancel, job_id)
     await run_in_threadpool(state.jobs.delete_files, job_id)
-    return _status(_job(state, job_id, _owner(request)))
+    return _status(await _job(state, job_id, _owner(request)))
 
 
 def _owner(request: Request) -> str:
     return str(request.scope.get("state", {}).get("principal") or "anonymous")
 
 
-def _job(state: Any, job_id: str, owner: str) -> JobRow:
-    job: JobRow | None = state.jobs.get(job_id)
+async def _job(state: Any, job_id: str, owner: str) -> JobRow:
+    """The job, read off the event loop (SQLite is file I/O)."""
+    job: JobRow | None = await run_in_threadpool(state.jobs.get, job_id)
     if job is None or job.owner != owner:  # another key's job does not exist, as far as you know
         raise NotFound(f"no job '{job_id}'")
     return job
