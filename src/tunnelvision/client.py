@@ -183,17 +183,26 @@ def _json_value(value: str) -> Any:
 
 
 def _fields(prompt: Any = None, **options: Any) -> dict[str, Any]:
-    if isinstance(prompt, list):  # a list of labels travels as one JSON field
+    if isinstance(prompt, list):  # form fields are flat: labels become one '.'-separated prompt
         prompt = ". ".join(prompt)
     return {"prompt": prompt, **options}
 
 
 class _Base:
-    def __init__(self, url: str | None, api_key: str | None, retries: int, max_wait_s: float) -> None:
+    """What both clients share: where, who, how patiently. Only the sending differs (sync/async)."""
+
+    def __init__(
+        self, url: str | None, api_key: str | None, timeout: float, retries: int, max_wait_s: float
+    ) -> None:
         self.url = (url or os.environ.get("TUNNELVISION_URL") or DEFAULT_URL).rstrip("/")
         key = api_key or os.environ.get("TUNNELVISION_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.retries, self.max_wait_s = retries, max_wait_s
+        self.http_options: dict[str, Any] = {
+            "base_url": self.url,
+            "headers": self.headers,
+            "timeout": timeout,
+        }
 
     def _wait_s(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying this answer; None when it is final."""
@@ -212,10 +221,8 @@ class Client(_Base):
         max_wait_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, retries, max_wait_s)
-        self._http = httpx.Client(
-            base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
-        )
+        super().__init__(url, api_key, timeout, retries, max_wait_s)
+        self._http = httpx.Client(**self.http_options, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -295,10 +302,8 @@ class AsyncClient(_Base):
         max_wait_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, retries, max_wait_s)
-        self._http = httpx.AsyncClient(
-            base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
-        )
+        super().__init__(url, api_key, timeout, retries, max_wait_s)
+        self._http = httpx.AsyncClient(**self.http_options, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -76,6 +76,7 @@ def test_cancel_stops_a_job(server: ThreadServer, fake: FakeBackend) -> None:
     wait_for(lambda: httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["done"] >= 1)
     cancelled = httpx.delete(f"{server.url}/v1/jobs/{job_id}")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert server.state.jobs.bytes_used() == 0  # its uploads are gone: the quota is free again
     time.sleep(0.8)
     assert httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["done"] < 10
 
@@ -112,6 +113,7 @@ def test_quota_is_enforced(fake: FakeBackend) -> None:
     with ThreadServer(make_settings(jobs_quota_bytes=500), fake) as srv:
         refused = submit(srv.url, images(2))
         assert refused.status_code == 507 and refused.json()["error"]["code"] == "quota_exceeded"
+        assert [p for p in srv.state.jobs.folder.iterdir() if p.is_dir()] == []  # nothing left behind
 
 
 @pytest.mark.parametrize(

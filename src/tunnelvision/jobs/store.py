@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunnelvision.errors import QuotaExceeded
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
@@ -73,7 +75,11 @@ class JobStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def create(self, owner: str, uploads: list[Upload], options: dict[str, Any], labels: list[str]) -> str:
+    def create(
+        self, owner: str, uploads: list[Upload], options: dict[str, Any], labels: list[str], quota_bytes: int
+    ) -> str:
+        """Store the job and its images; QuotaExceeded (checked in the same transaction as the
+        insert, so two uploads at once cannot both squeeze in) or any failure leaves nothing behind."""
         job_id = uuid.uuid4().hex
         folder = self.folder / job_id
         folder.mkdir()
@@ -83,15 +89,37 @@ class JobStore:
             path.write_bytes(upload.data)
             rows.append((job_id, index, upload.file_name, str(path), "pending"))
         size = sum(len(u.data) for u in uploads)
+        try:
+            self._insert(job_id, owner, rows, options, labels, size, quota_bytes)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return job_id
+
+    def _insert(
+        self,
+        job_id: str,
+        owner: str,
+        rows: list[tuple[Any, ...]],
+        options: dict[str, Any],
+        labels: list[str],
+        size: int,
+        quota_bytes: int,
+    ) -> None:
         with self._transaction() as db:
+            used = int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM jobs").fetchone()[0])
+            if used + size > quota_bytes:
+                raise QuotaExceeded(
+                    f"jobs may keep {quota_bytes} bytes of images; {used} are in use and this job brings "
+                    f"{size}: wait for running jobs, or cancel some"
+                )
             db.execute(
                 "INSERT INTO jobs VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, owner, time.time(), json.dumps(options), json.dumps(labels), len(uploads), size),
+                (job_id, owner, time.time(), json.dumps(options), json.dumps(labels), len(rows), size),
             )
             db.executemany(
                 "INSERT INTO items (job_id, idx, file_name, path, status) VALUES (?, ?, ?, ?, ?)", rows
             )
-        return job_id
 
     def start_item(self, job_id: str, index: int) -> None:
         with self._transaction() as db:

@@ -19,7 +19,7 @@ from tunnelvision.api.openapi import ERROR_RESPONSES
 from tunnelvision.api.parsing import form_fields, validate_params
 from tunnelvision.coco import Coco
 from tunnelvision.config import Settings
-from tunnelvision.errors import InvalidImage, InvalidInput, NotFound, QuotaExceeded
+from tunnelvision.errors import InvalidImage, InvalidInput, NotFound
 from tunnelvision.jobs.store import JobRow, Upload
 from tunnelvision.schemas import JobStatus, SegmentParams, SegmentResponse
 
@@ -44,10 +44,11 @@ async def create_job(request: Request, state: StateDep, settings: SettingsDep) -
     params = validate_params(SegmentParams, fields)
     if not params.phrases:
         raise InvalidInput("a job needs a text prompt: its phrases become the COCO categories")
-    _check_quota(await run_in_threadpool(state.jobs.bytes_used), uploads, settings)
     options = params.model_dump(include=set(JOB_OPTIONS))
     owner = _owner(request)
-    job_id = await run_in_threadpool(state.jobs.create, owner, uploads, options, params.phrases)
+    job_id = await run_in_threadpool(
+        state.jobs.create, owner, uploads, options, params.phrases, settings.jobs_quota_bytes
+    )
     state.job_runner.wake.set()
     job = await _job(state, job_id, owner)
     return JSONResponse(
@@ -109,15 +110,6 @@ def _status(job: JobRow) -> JobStatus:
         progress=round(progress, 4),
         created=job.created,
     )
-
-
-def _check_quota(used: int, uploads: list[Upload], settings: Settings) -> None:
-    size = sum(len(u.data) for u in uploads)
-    if used + size > settings.jobs_quota_bytes:
-        raise QuotaExceeded(
-            f"jobs may keep {settings.jobs_quota_bytes} bytes of images; {used} are in use "
-            f"and this job brings {size}: wait for running jobs, or cancel some"
-        )
 
 
 async def _uploads(items: list[tuple[str, Any]], settings: Settings) -> list[Upload]:
