@@ -104,14 +104,17 @@ class GroundedSam:
         self, image: RGBImage, phrases: list[str]
     ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
         text = ". ".join(phrases) + "."
-        inputs = self.detector_processor(images=image, text=text, return_tensors="pt")
+        # Channels last, said explicitly: a 1-3 pixel tall image would be guessed channels-first.
+        inputs = self.detector_processor(
+            images=image, text=text, return_tensors="pt", input_data_format="channels_last"
+        )
         ids = inputs["input_ids"][0].tolist()
         if len(ids) > self.max_text_tokens:
             raise InvalidInput(f"prompt is {len(ids)} tokens long; the detector takes {self.max_text_tokens}")
         return dict(inputs), phrase_token_spans(ids, len(phrases))
 
     def _prepare_sam(self, image: RGBImage, params: SegmentParams, prepared: Prepared) -> None:
-        sam_inputs = self.sam_processor(images=image, return_tensors="pt")
+        sam_inputs = self.sam_processor(images=image, return_tensors="pt", input_data_format="channels_last")
         prepared.sam_pixels = sam_inputs["pixel_values"]
         new_h, new_w = (int(v) for v in sam_inputs["reshaped_input_sizes"][0])
         prepared.sam_scale = (new_w / prepared.width, new_h / prepared.height)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
-from pathlib import PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from tunnelvision.api.deps import DOCUMENTED_AUTH, SettingsDep, StateDep
+from tunnelvision.api.job_uploads import UPLOAD_FIELDS, read_job_uploads
 from tunnelvision.api.openapi import ERROR_RESPONSES
 from tunnelvision.api.parsing import form_fields, validate_params
 from tunnelvision.coco import Coco
-from tunnelvision.config import Settings
-from tunnelvision.errors import InvalidImage, InvalidInput, NotFound
-from tunnelvision.jobs.store import JobRow, Upload
+from tunnelvision.errors import InvalidInput, NotFound
+from tunnelvision.jobs.store import JobRow
 from tunnelvision.schemas import JobStatus, SegmentParams, SegmentResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=DOCUMENTED_AUTH)
@@ -37,8 +32,8 @@ JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_dete
 async def create_job(request: Request, state: StateDep, settings: SettingsDep) -> JSONResponse:
     form = await request.form(max_files=settings.max_job_images + 1, max_fields=64)
     try:
-        uploads = await _uploads(form.multi_items(), settings)
-        fields = form_fields([(k, v) for k, v in form.multi_items() if k not in ("images", "archive")])
+        uploads = await read_job_uploads(form.multi_items(), settings)
+        fields = form_fields([(k, v) for k, v in form.multi_items() if k not in UPLOAD_FIELDS])
     finally:
         await form.close()
     params = validate_params(SegmentParams, fields)
@@ -110,43 +105,3 @@ def _status(job: JobRow) -> JobStatus:
         progress=round(progress, 4),
         created=job.created,
     )
-
-
-async def _uploads(items: list[tuple[str, Any]], settings: Settings) -> list[Upload]:
-    uploads: list[Upload] = []
-    for name, value in items:
-        if name not in ("images", "archive"):
-            continue
-        if not isinstance(value, UploadFile):
-            raise InvalidImage(f"'{name}' must be a file")
-        data = await value.read()
-        found = (
-            await run_in_threadpool(_unzip, data)
-            if name == "archive"
-            else [Upload(value.filename or "", data)]
-        )
-        uploads += found
-    if not uploads:
-        raise InvalidInput("no images: send files in repeated 'images' fields, or a zip in 'archive'")
-    if len(uploads) > settings.max_job_images:
-        raise InvalidInput(f"{len(uploads)} images; a job takes at most {settings.max_job_images}")
-    for index, upload in enumerate(uploads):
-        await run_in_threadpool(_check_image, upload, index)
-    return [Upload(u.file_name or f"image-{i:05d}", u.data) for i, u in enumerate(uploads)]
-
-
-def _unzip(data: bytes) -> list[Upload]:
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise InvalidInput("'archive' is not a zip file") from None
-    members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
-    return [Upload(PurePosixPath(m.filename).as_posix(), archive.read(m)) for m in members]
-
-
-def _check_image(upload: Upload, index: int) -> None:
-    try:
-        with Image.open(io.BytesIO(upload.data)) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InvalidImage(f"'{upload.file_name or index}' is not an image") from None
