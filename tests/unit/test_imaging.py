@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from support import image_bytes
-from tunnelvision.errors import ImageTooLarge, InvalidImage, PayloadTooLarge
-from tunnelvision.imaging import decode_base64, decode_image
+from tunnelvision.errors import ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedImageFormat
+from tunnelvision.imaging import MAX_ASPECT_RATIO, MAX_FRAMES, decode_base64, decode_image, probe_image
 
 LIMIT = 10_000_000
 
@@ -89,3 +89,50 @@ def test_base64_strict_with_data_url_and_size_limit() -> None:
         decode_base64("@@not base64@@", LIMIT)
     with pytest.raises(PayloadTooLarge):
         decode_base64(text, 100)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_accepted_format_decodes(fmt: str) -> None:
+    assert decode_image(image_bytes(40, 30, fmt=fmt), LIMIT).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("ICO", "RGB"), ("ICNS", "RGB"), ("PPM", "RGB"), ("PCX", "RGB")])
+def test_other_formats_are_refused_before_their_plugin_runs(fmt: str, mode: str) -> None:
+    data = encoded(Image.new(mode, (32, 32)), fmt)
+    with pytest.raises(UnsupportedImageFormat, match=f"looks like {fmt}.*JPEG, PNG, WebP, GIF, BMP or TIFF"):
+        decode_image(data, LIMIT)
+
+
+def test_tiff_pages_are_all_checked_against_the_pixel_limit() -> None:
+    pages = [Image.new("L", (10, 10)), Image.new("L", (2000, 1000))]
+    data = encoded(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    with pytest.raises(ImageTooLarge, match="frame 1 of the image is 2000x1000"):
+        decode_image(data, 1_000_000)  # page 0 alone is tiny: the old decoder answered with it
+
+
+def test_files_with_more_frames_than_are_looked_at_are_refused() -> None:
+    pages = [Image.new("L", (2, 2), i % 256) for i in range(MAX_FRAMES + 1)]
+    for fmt in ("TIFF", "GIF"):
+        data = encoded(pages[0], fmt, save_all=True, append_images=pages[1:])
+        with pytest.raises(ImageTooLarge, match=f"more than {MAX_FRAMES} frames"):
+            decode_image(data, LIMIT)
+
+
+def test_probe_reads_headers_only() -> None:
+    truncated = image_bytes(64, 48)[:200]  # header intact, pixel data cut short
+    assert probe_image(truncated, LIMIT) == (64, 48)
+    with pytest.raises(InvalidImage, match="corrupt or truncated"):
+        decode_image(truncated, LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(1, 1), (2, 1), (1, 2), (1, MAX_ASPECT_RATIO), (MAX_ASPECT_RATIO, 1)]
+)
+def test_tiny_and_thin_images_decode(width: int, height: int) -> None:
+    assert decode_image(image_bytes(width, height), LIMIT).shape == (height, width, 3)
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 20000), (20000, 1), (3, 3 * MAX_ASPECT_RATIO + 1)])
+def test_sides_too_unequal_for_the_models_are_refused_with_the_size(width: int, height: int) -> None:
+    with pytest.raises(InvalidImage, match=f"{width}x{height}.*{MAX_ASPECT_RATIO} to 1"):
+        probe_image(image_bytes(width, height, mode="L"), LIMIT)
