@@ -152,10 +152,15 @@ for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
     ZIPS.append(buffer.getvalue())
 
 
+ARCHIVE_LIMITS = ArchiveLimits(
+    max_members=10, max_member_bytes=100_000, max_total_bytes=1_000_000, max_unpacked_bytes=1_000_000
+)
+
+
 @FAST
 @given(st.one_of(st.binary(max_size=512), mutated(ZIPS)))
 def test_any_archive_unpacks_or_gets_one_of_our_errors(data: bytes) -> None:
-    limits = ArchiveLimits(max_members=10, max_member_bytes=100_000, max_total_bytes=1_000_000, max_unpacked_bytes=1_000_000)
+    limits = ARCHIVE_LIMITS
     try:
         members = read_archive(io.BytesIO(data), limits)
     except TunnelvisionError:
@@ -165,5 +170,5 @@ def test_any_archive_unpacks_or_gets_one_of_our_errors(data: bytes) -> None:
 
 @pytest.mark.parametrize("data", ZIPS)
 def test_valid_archives_unpack_to_their_members(data: bytes) -> None:
-    limits = ArchiveLimits(max_members=10, max_member_bytes=100_000, max_total_bytes=1_000_000, max_unpacked_bytes=1_000_000)
+    limits = ARCHIVE_LIMITS
     assert read_archive(io.BytesIO(data), limits) == [("a/one.png", SAMPLES[1]), ("two.jpg", SAMPLES[0])]
