@@ -92,6 +92,9 @@ class FakeBackend(SimulatedBackend):
         return prepared
 
 
+_IN_PROCESS: dict[str, Any] = {}  # url -> AppState of the ThreadServers running now
+
+
 class ThreadServer:
     """The real app under a real uvicorn on a free 127.0.0.1 port, in a thread of this process."""
 
@@ -112,18 +115,39 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
+        _IN_PROCESS[self.url] = self.state
         wait_until_ready(self.url)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _IN_PROCESS.pop(self.url, None)
         self.server.should_exit = True
         self.thread.join(30)
 
 
 def stats(url: str) -> dict[str, Any]:
-    """The scheduler's counters, as /readyz reports them."""
-    queue: dict[str, Any] = httpx.get(f"{url}/readyz", timeout=10).json()["queue"]
-    return queue
+    """The scheduler's counters: read in-process from a ThreadServer, else from /metrics (open on
+    `cli_server`s, which have no keys and no rate limit; /readyz shows them only with a key)."""
+    if url in _IN_PROCESS:
+        counters: dict[str, Any] = _IN_PROCESS[url].stats()
+        return counters
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {
+        "tunnelvision_queue_depth": "queued",
+        "tunnelvision_running": "running",
+        "tunnelvision_batch_size_count": "batches",  # one observation per device pass
+        "tunnelvision_batch_size_sum": "batched_items",
+    }
+    counters = {}
+    text = httpx.get(f"{url}/metrics", timeout=10).raise_for_status().text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tunnelvision_tasks_total":
+                counters[sample.labels["outcome"]] = int(sample.value)
+            elif sample.name in names:
+                counters[names[sample.name]] = int(sample.value)
+    return counters
 
 
 def wait_for(condition: Any, timeout_s: float = 20) -> None:

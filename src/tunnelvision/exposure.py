@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from tunnelvision.config import Settings
+from tunnelvision.security.keys import KeyStore
 
 
 class UnsafeExposure(Exception):
@@ -21,7 +22,9 @@ def is_loopback(host: str) -> bool:
 
 
 def auth_configured(settings: Settings) -> bool:
-    return settings.auth != "auto" or settings.keys_configured or settings.access_configured
+    """The server will ask for credentials (the same test the server's guard makes at start)."""
+    keys_on = KeyStore(settings.keys_file).present()
+    return settings.auth != "auto" or keys_on or settings.access_configured
 
 
 def check_exposure(settings: Settings) -> str | None:
@@ -38,4 +41,25 @@ def check_exposure(settings: Settings) -> str | None:
     return (
         f"INSECURE: listening on {settings.host} with no authentication (--insecure-no-auth); "
         "anyone who can reach this port can use the API"
+    )
+
+
+def require_auth_for_publishing(settings: Settings) -> str | None:
+    """For commands that publish the API (a tunnel): refuse when no authentication is configured.
+
+    Unlike a bind, loopback is no excuse here: the tunnel carries everyone's requests to it.
+    Returns a warning when `insecure_no_auth` allows it anyway; None when authentication is on.
+    """
+    if auth_configured(settings):
+        return None
+    if not settings.insecure_no_auth:
+        raise UnsafeExposure(
+            "refusing to publish the API without authentication: anyone with the URL could use "
+            "your GPU. Add a key with `tunnelvision keys add NAME` (clients send it as "
+            "'Authorization: Bearer KEY'), or configure Cloudflare Access (--access-team-domain, "
+            "--access-aud); pass --insecure-no-auth only to publish it open on purpose."
+        )
+    return (
+        "INSECURE: publishing the API with no authentication (--insecure-no-auth); "
+        "anyone with the URL can use it"
     )

@@ -155,7 +155,7 @@ def test_readyz_is_503_while_loading_then_200(monkeypatch: pytest.MonkeyPatch) -
     try:
         wait_for(lambda: _answers(srv.url))
         loading = httpx.get(f"{srv.url}/readyz")
-        assert loading.status_code == 503 and loading.json()["phase"] == "loading models"
+        assert loading.status_code == 503 and loading.json()["reason"] == "loading"
         assert loading.headers["retry-after"] == "5"
         assert segment(srv.url).json()["error"]["code"] == "not_ready"
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
@@ -179,7 +179,7 @@ def test_models_that_cannot_load_make_readyz_say_why() -> None:
     try:
         wait_for(lambda: bool(reasons))
         ready = httpx.get(f"{srv.url}/readyz")
-        assert ready.status_code == 503 and "x/y" in ready.json()["error"]["message"]
+        assert ready.status_code == 503 and ready.json()["reason"] == "failed"  # details need a key
         assert reasons == ["cannot load the detector 'x/y': unreachable"]
     finally:
         srv.__exit__()

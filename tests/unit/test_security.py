@@ -4,12 +4,15 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from support import JwksServer, make_settings
-from tunnelvision.exposure import UnsafeExposure, check_exposure, is_loopback
+from support import JwksServer, make_settings, wait_for
+from tunnelvision.exposure import UnsafeExposure, check_exposure, is_loopback, require_auth_for_publishing
 from tunnelvision.security.access import AccessDenied, AccessVerifier
 from tunnelvision.security.keys import KeyCommandError, KeyStore
 from tunnelvision.security.proxy import client_address, parse_networks
@@ -148,3 +151,164 @@ def test_alg_none_and_hs256_are_refused(jwks: JwksServer) -> None:
     # The classic confusion attack: HS256 "signed" with the public key as the HMAC secret.
     with pytest.raises(AccessDenied, match="RS256"):
         check.verify(_hand_made("HS256", public_pem))
+
+
+# -- a keys file that breaks while serving -----------------------------------------------------
+
+
+def _good_store(tmp_path: Path) -> tuple[KeyStore, str]:
+    store = KeyStore(tmp_path / "keys.json")
+    return store, store.add("alice")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "is empty"),
+        (b'{"keys": [', "not valid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 50_000, "not valid JSON"),
+        (b"[]", 'no "keys" list'),
+        (b'{"keys": [{"name": "a"}]}', 'entry 1 lacks a "name" or a valid "sha256"'),
+        (b'{"keys": [{"name": "a", "sha256": "zz"}]}', "entry 1"),
+    ],
+    ids=["empty", "truncated", "binary", "deep", "not-an-object", "no-hash", "bad-hash"],
+)
+def test_a_corrupt_keys_file_keeps_the_last_good_set_and_names_the_problem(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    store, key = _good_store(tmp_path)
+    assert store.verify(key) == "alice" and store.problem() is None
+    store.path.write_bytes(content)
+    assert store.verify(key) == "alice"  # serving: the last good set, no exception
+    assert problem in (store.problem() or "") and str(store.path) in (store.problem() or "")
+    with pytest.raises(KeyCommandError, match="fix or restore it"):
+        store.entries()  # the `keys` commands: a clear error, not a traceback
+    with pytest.raises(KeyCommandError):
+        store.add("bob")
+
+
+def test_a_keys_file_that_vanishes_or_becomes_a_folder_keeps_the_last_good_set(tmp_path: Path) -> None:
+    store, key = _good_store(tmp_path)
+    assert store.verify(key) == "alice"
+    store.path.unlink()
+    assert store.verify(key) == "alice" and "is missing" in (store.problem() or "")
+    assert store.entries() == []  # for `keys add`: no file yet is fine
+    store.path.mkdir()
+    assert store.verify(key) == "alice" and "is a folder" in (store.problem() or "")
+    store.path.rmdir()
+    fresh = store.add("bob")  # fixed: picked up at once
+    assert store.problem() is None and store.verify(fresh) == "bob" and store.verify(key) is None
+
+
+def test_an_unreadable_keys_file_keeps_the_last_good_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, key = _good_store(tmp_path)
+    assert store.verify(key) == "alice"
+    os.chmod(store.path, 0)  # enough for a normal user; root reads anyway, so deny it below too
+    real_open = os.open
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path) == store.path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    assert store.verify(key) == "alice"
+    assert "permission denied" in (store.problem() or "")
+    with pytest.raises(KeyCommandError, match="permission denied"):
+        store.entries()
+    monkeypatch.undo()
+    os.chmod(store.path, 0o600)  # fixed: the change of mode alone makes it re-read
+    assert store.problem() is None and store.verify(key) == "alice"
+
+
+def test_a_keys_problem_is_logged_once_per_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tunnelvision.security.keys")
+    store, key = _good_store(tmp_path)
+    store.verify(key)
+    store.path.write_text("{")
+    for _ in range(50):
+        store.verify(key)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    store.path.unlink()
+    store.verify(key)
+    assert len(caplog.records) == 2 and "missing" in caplog.records[-1].getMessage()
+
+
+def test_keys_commands_keep_the_files_mode_and_owner(tmp_path: Path) -> None:
+    store, _ = _good_store(tmp_path)
+    assert store.path.stat().st_mode & 0o777 == 0o600  # a new file: the caller's, owner only
+    assert store.path.stat().st_uid == os.getuid()
+    os.chmod(store.path, 0o640)  # e.g. root:tunnelvision, readable by the service's group
+    owner = (1234, 4321) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(store.path, *owner)
+    store.add("bob")
+    store.revoke("alice")
+    after = store.path.stat()
+    assert (after.st_mode & 0o777, after.st_uid, after.st_gid) == (0o640, *owner)
+    assert [k.name for k in store.entries()] == ["bob"]
+    assert list(tmp_path.iterdir()) == [store.path]  # no staging file left behind
+
+
+def test_auth_is_settled_at_start_and_never_turns_off(tmp_path: Path) -> None:
+    from tunnelvision.api.guard import Authenticator
+
+    store, key = _good_store(tmp_path)
+    auth = Authenticator(make_settings(keys_file=store.path))
+    assert auth.effective_policy() == "keys"
+    store.path.unlink()
+    assert auth.effective_policy() == "keys"
+    assert auth.keys.verify(key) == "alice"
+    late = tmp_path / "late.json"
+    open_at_start = Authenticator(make_settings(keys_file=late))
+    assert open_at_start.effective_policy() == "none"
+    KeyStore(late).add("x")
+    assert open_at_start.effective_policy() == "keys"  # appearing turns keys on (fail closed)
+
+
+def test_publishing_without_auth_is_refused_with_how_to_add_a_key(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeExposure) as refused:
+        require_auth_for_publishing(make_settings())  # loopback is no excuse for a tunnel
+    assert "tunnelvision keys add NAME" in str(refused.value)
+    assert "--insecure-no-auth" in str(refused.value)
+    assert "INSECURE" in (require_auth_for_publishing(make_settings(insecure_no_auth=True)) or "")
+    keys = tmp_path / "keys.json"
+    KeyStore(keys).add("a")
+    assert require_auth_for_publishing(make_settings(keys_file=keys)) is None
+    access = make_settings(access_team_domain="t", access_aud="x")
+    assert require_auth_for_publishing(access) is None
+    assert require_auth_for_publishing(make_settings(auth="keys")) is None  # closed: no key yet
+    broken = tmp_path / "broken"
+    broken.mkdir()  # something at the keys path: the server asks for keys (and accepts none)
+    assert require_auth_for_publishing(make_settings(keys_file=broken)) is None
+
+
+def test_a_key_removed_from_the_jwks_is_refused_once_the_set_expires(jwks: JwksServer) -> None:
+    check = AccessVerifier("team", "aud-tag", jwks.url, refresh_cooldown_s=0, lifespan_s=0.2)
+    token = jwks.token("kid-1")
+    assert check.verify(token).subject == "ana@example.com"
+    jwks.add_key("kid-2")
+    del jwks.keys["kid-1"]
+    wait_for(lambda: _refused(check, token), timeout_s=5)
+    assert check.verify(jwks.token("kid-2")).subject == "ana@example.com"
+
+
+def _refused(check: AccessVerifier, token: str) -> bool:
+    try:
+        check.verify(token)
+    except AccessDenied:
+        return True
+    return False
+
+
+def test_unknown_key_ids_refetch_at_most_once_per_cooldown(jwks: JwksServer) -> None:
+    check = AccessVerifier("team", "aud-tag", jwks.url, refresh_cooldown_s=60, lifespan_s=300)
+    assert check.verify(jwks.token("kid-1")).subject == "ana@example.com"
+    before = jwks.fetches
+    for n in range(10):
+        forged = jwks.token(f"kid-x{n}", private=jwks.keys["kid-1"])
+        with pytest.raises(AccessDenied, match="unknown key"):
+            check.verify(forged)
+    assert jwks.fetches - before <= 1

@@ -20,8 +20,15 @@ def get_settings(state: Annotated[AppState, Depends(get_state)]) -> Settings:
     return state.settings
 
 
+def get_principal(request: Request) -> str | None:
+    """Who GuardMiddleware recognised ('key:NAME', 'access:EMAIL'); None for anonymous callers."""
+    principal = request.scope.get("state", {}).get("principal")
+    return str(principal) if principal is not None else None
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+PrincipalDep = Annotated[str | None, Depends(get_principal)]
 
 
 # Documentation only (the "Authorize" button in /docs): GuardMiddleware enforces authentication.

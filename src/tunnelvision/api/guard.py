@@ -2,12 +2,17 @@
 
 Order of checks: client address (proxy trust) -> authentication -> rate limit -> in-flight cap.
 None of it reads the body, so a refused client costs no upload.
+
+The policy is settled when the server starts and only ever tightens while it runs: a keys file
+that breaks or disappears keeps its last good keys (KeyStore), one that appears turns keys on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,8 +25,12 @@ from tunnelvision.security.proxy import client_address, parse_networks
 from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter, retry_after_header
 
 ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz", "/"})  # "/": the playground page (it asks for a key)
+# Public, but a caller who sends valid credentials is recognised (and told more).
+OPTIONAL_AUTH = frozenset({"/readyz"})
 DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 WWW_AUTHENTICATE = 'Bearer realm="tunnelvision"'
+
+log = logging.getLogger(__name__)
 
 
 class Unauthorized(Exception):
@@ -45,29 +54,59 @@ class Credentials:
 
 
 class Authenticator:
-    """Applies the `auth` policy. In `auto`, keys are required as soon as the keys file exists."""
+    """Applies the `auth` policy, decided at start. In `auto`, keys are on when something is at
+    the keys file's path at start, or as soon as something appears there; never off again."""
 
     def __init__(self, settings: Settings) -> None:
-        self.policy = settings.auth
+        self.configured = settings.auth
         self.keys = KeyStore(settings.keys_file)
         self.access = (
             AccessVerifier(
                 settings.access_team_domain,
                 settings.access_aud,
                 settings.access_certs_url,
-                settings.access_jwks_cooldown_s,
+                refresh_cooldown_s=settings.access_jwks_cooldown_s,
+                lifespan_s=settings.access_jwks_lifespan_s,
             )
             if settings.access_configured
             else None
         )
+        self.keys_on = self.configured in ("keys", "either", "both") or (
+            self.configured == "auto" and self.keys.present()
+        )
+        self.policy = self._settled_policy()
+        log.info("authentication: %s", self.policy)
+        if self.keys_on:
+            self.keys.problem()  # read now, so a broken file is logged at start
+
+    def _settled_policy(self) -> str:
+        if self.configured != "auto":
+            return self.configured
+        if self.keys_on:
+            return "either" if self.access is not None else "keys"
+        return "access" if self.access is not None else "none"
 
     def effective_policy(self) -> str:
-        if self.policy != "auto":
-            return self.policy
-        keys_on = self.keys.path.is_file()
-        if keys_on and self.access is not None:
-            return "either"
-        return "keys" if keys_on else "access" if self.access is not None else "none"
+        if not self.keys_on and self.configured == "auto" and self.keys.present():
+            # Fail closed: a keys file created while serving turns keys on at once.
+            self.keys_on = True
+            self.policy = self._settled_policy()
+            log.warning("keys file %s appeared: API keys are required from now on", self.keys.path)
+        return self.policy
+
+    def report(self) -> dict[str, Any]:
+        """How callers are checked, for authenticated readiness probes (paths included)."""
+        keys = {"path": str(self.keys.path), "problem": self.keys.problem()} if self.keys_on else None
+        return {"policy": self.effective_policy(), "keys_file": keys}
+
+    async def identify(self, credentials: Credentials) -> str | None:
+        """The caller's name when they sent valid credentials; None otherwise (never refuses)."""
+        if credentials.api_key is None and credentials.access_token is None:
+            return None
+        try:
+            return await self.authenticate(credentials)
+        except Unauthorized:
+            return None
 
     async def authenticate(self, credentials: Credentials) -> str | None:
         """The caller's name ('key:NAME', 'access:EMAIL'), None when no auth is configured."""
@@ -134,6 +173,8 @@ class GuardMiddleware:
         peer = scope["client"][0] if scope.get("client") else None
         state["client"] = client_address(peer, headers, self.trusted)
         if scope["path"] in self.public:
+            if scope["path"] in OPTIONAL_AUTH:
+                await self._identify(state, headers)
             await self.app(scope, receive, send)
             return
         try:
@@ -144,6 +185,11 @@ class GuardMiddleware:
             )
             return
         await self._limited(scope, receive, send, state["principal"] or f"ip:{state['client']}")
+
+    async def _identify(self, state: dict[str, Any], headers: Headers) -> None:
+        state["principal"] = await self.auth.identify(Credentials.from_headers(headers))
+        if state["principal"] is not None:
+            state["auth_report"] = self.auth.report()
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, client: str) -> None:
         wait_s = self.rate.acquire(client) if self.rate else 0.0

@@ -1,8 +1,12 @@
 """Cloudflare Access: verify the `Cf-Access-Jwt-Assertion` the edge adds after a login.
 
 RS256 only (so `alg: none` and HS256 tokens signed with a public key are refused), keys from the
-team's certs URL (cached; refetched when a token names an unknown `kid`, as keys rotate every
-six weeks), and `iss`, `aud` and `exp` required and checked.
+team's certs URL, and `iss`, `aud` and `exp` required and checked.
+
+The key set is trusted for `lifespan_s`, then fetched again, so a key the team removed stops
+working within that time; a token naming an unknown `kid` (keys rotate every six weeks) triggers
+at most one early refetch per `refresh_cooldown_s`. No key is cached by `kid` on its own: such a
+cache never forgets a removed key.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ class AccessIdentity:
 
 class AccessVerifier:
     def __init__(
-        self, team_domain: str, audience: str, certs_url: str = "", refresh_cooldown_s: float = 30.0
+        self,
+        team_domain: str,
+        audience: str,
+        certs_url: str = "",
+        refresh_cooldown_s: float = 30.0,
+        lifespan_s: float = 300.0,
     ) -> None:
         team = team_domain.removeprefix("https://").rstrip("/")
         if "." not in team:
@@ -33,7 +42,12 @@ class AccessVerifier:
         self.audience = audience
         self.certs_url = certs_url or f"{self.issuer}/cdn-cgi/access/certs"
         self._jwks = jwt.PyJWKClient(
-            self.certs_url, cache_keys=True, lifespan=3600, timeout=5, cooldown_duration=refresh_cooldown_s
+            self.certs_url,
+            cache_keys=False,
+            cache_jwk_set=True,
+            lifespan=lifespan_s,
+            timeout=5,
+            cooldown_duration=refresh_cooldown_s,  # PyJWT >= 2.14
         )
 
     def verify(self, token: str) -> AccessIdentity:

@@ -2,21 +2,34 @@
 
 Keys are 256 random bits, so a plain SHA-256 is enough (a slow password hash protects guessable
 secrets, not random ones). The file is re-read when it changes: revoking needs no restart.
+
+A keys file that goes missing, unreadable or corrupt while serving never opens the server nor
+turns requests into errors: the last key set read from it stays in force, the problem is logged
+once and `problem()` names it, and a repaired file is picked up again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import stat
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "tv_"
+MAX_KEYS_FILE_BYTES = 4 * 1024 * 1024  # about 20,000 keys; anything larger is not a keys file
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -28,17 +41,26 @@ class StoredKey:
 
 
 class KeyCommandError(Exception):
-    """A `keys` command that cannot be done (unknown name, duplicate name)."""
+    """A `keys` command that cannot be done (unknown name, duplicate name, unusable file)."""
+
+
+class KeysFileProblem(Exception):
+    """The keys file cannot be used; the message is one sentence naming the file and why."""
+
+
+class KeysFileMissing(KeysFileProblem):
+    pass
 
 
 class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path.expanduser()
         self._lock = threading.Lock()
-        self._loaded_stamp: tuple[int, int] | None = None
-        self._keys: list[StoredKey] = []
+        self._stamp: object = None  # what the file looked like at the last read
+        self._keys: tuple[StoredKey, ...] = ()  # the last good set
+        self._problem: str | None = None
 
-    # -- managing ---------------------------------------------------------------------------
+    # -- managing (the `keys` commands: a file that cannot be used is an error) --------------
 
     def add(self, name: str) -> str:
         """Create a key named `name`; return it (the only time it is ever seen)."""
@@ -59,44 +81,181 @@ class KeyStore:
         self._write([k for k in keys if k.name != name])
 
     def entries(self) -> list[StoredKey]:
-        self._reload_if_changed()
-        return list(self._keys)
+        """The keys in the file now (none when it does not exist)."""
+        try:
+            return read_keys_file(self.path)
+        except KeysFileMissing:
+            return []
+        except KeysFileProblem as exc:
+            raise KeyCommandError(f"{exc}; fix or restore it first") from None
 
-    # -- checking ---------------------------------------------------------------------------
+    def present(self) -> bool:
+        """Something is at the path (a file, even a broken one): keys are meant to be on."""
+        return os.path.lexists(self.path)
+
+    # -- checking (serving: never fails, keeps the last good set) ----------------------------
 
     def verify(self, presented: str) -> str | None:
         """The key's name, or None. Every stored hash is compared, in constant time."""
         digest = _digest(presented)
         match = None
-        for stored in self.entries():
+        for stored in self._current():
             if hmac.compare_digest(stored.sha256, digest):
                 match = stored.name
         return match
 
+    def problem(self) -> str | None:
+        """What is wrong with the keys file at its last read, in one sentence; None when fine."""
+        self._refresh()
+        return self._problem
+
+    def _current(self) -> tuple[StoredKey, ...]:
+        self._refresh()
+        return self._keys
+
+    def _refresh(self) -> None:
+        """Re-read when the file changed; on failure keep the last good set and log once."""
+        stamp = _stamp(self.path)
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                keys = read_keys_file(self.path)
+            except KeysFileProblem as exc:
+                self._report(str(exc))
+                return
+            if self._problem is not None:
+                log.warning("API keys: %s is usable again (%d keys)", self.path, len(keys))
+            self._keys, self._problem = tuple(keys), None
+
+    def _report(self, problem: str) -> None:
+        if problem != self._problem:  # once per change, not per request
+            kept = len(self._keys)
+            if kept:
+                log.error(
+                    "API keys: %s; the %d keys read before stay in force until it is fixed", problem, kept
+                )
+            else:
+                log.error("API keys: %s; no key is accepted until it is fixed", problem)
+        self._problem = problem
+
     # -- the file ---------------------------------------------------------------------------
 
-    def _reload_if_changed(self) -> None:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            self._keys, self._loaded_stamp = [], None
-            return
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            if stamp != self._loaded_stamp:
-                data = json.loads(self.path.read_text() or "{}")
-                self._keys = [StoredKey(**entry) for entry in data.get("keys", [])]
-                self._loaded_stamp = stamp
-
     def _write(self, keys: list[StoredKey]) -> None:
-        """Atomic replace, readable by the owner only."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_suffix(".tmp")
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"keys": [asdict(k) for k in keys]}, handle, indent=2)
-        os.replace(staging, self.path)
-        self._loaded_stamp = None
+        """Atomic replace. A new file is the caller's, mode 0600; an existing one keeps its owner,
+        group and mode (so `sudo tunnelvision keys add` leaves the service user able to read it)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            before = _stat_or_none(self.path)
+            fd, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump({"keys": [asdict(k) for k in keys]}, handle, indent=2)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                if before is not None:
+                    _copy_ownership(before, staging)
+                os.replace(staging, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(staging)
+                raise
+        except OSError as exc:
+            raise KeyCommandError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._stamp = None
+
+
+def read_keys_file(path: Path) -> list[StoredKey]:
+    """The keys in `path`, or KeysFileProblem saying in one sentence why it cannot be used."""
+    text = _read_text(path)
+    if not text.strip():
+        raise KeysFileProblem(f"the keys file {path} is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KeysFileProblem(
+            f"the keys file {path} is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise KeysFileProblem(f"the keys file {path} is not valid JSON (nested too deeply)") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise KeysFileProblem(f'the keys file {path} has no "keys" list')
+    return [_stored_key(path, number, entry) for number, entry in enumerate(entries, 1)]
+
+
+def _read_text(path: Path) -> str:
+    # O_NONBLOCK: a FIFO at the path must not hang the server; only a regular file is read.
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise KeysFileMissing(f"the keys file {path} is missing") from None
+    except PermissionError:
+        raise KeysFileProblem(
+            f"the keys file {path} cannot be read by this user (permission denied)"
+        ) from None
+    except OSError as exc:
+        raise KeysFileProblem(f"the keys file {path} cannot be read ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file"
+        raise KeysFileProblem(f"the keys file {path} is {kind}")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(MAX_KEYS_FILE_BYTES + 1)
+        except OSError as exc:
+            raise KeysFileProblem(f"the keys file {path} cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_KEYS_FILE_BYTES:
+        raise KeysFileProblem(f"the keys file {path} is larger than {MAX_KEYS_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeysFileProblem(f"the keys file {path} is not UTF-8 text") from None
+
+
+def _stored_key(path: Path, number: int, entry: Any) -> StoredKey:
+    fields = entry if isinstance(entry, dict) else {}
+    name, sha256 = fields.get("name"), fields.get("sha256")
+    if not isinstance(name, str) or not name or not isinstance(sha256, str) or not _is_sha256(sha256):
+        raise KeysFileProblem(f'the keys file {path}: entry {number} lacks a "name" or a valid "sha256"')
+    return StoredKey(name, sha256, str(fields.get("hint", "")), str(fields.get("created", "")))
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and set(value) <= _HEX
+
+
+def _stamp(path: Path) -> object:
+    """Changes whenever the file is rewritten, replaced, chmod-ed or chown-ed."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return ("unreadable", exc.errno)
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode, st.st_uid)
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _copy_ownership(before: os.stat_result, staging: str) -> None:
+    """Owner and group first (chown may clear mode bits), then the mode."""
+    if (before.st_uid, before.st_gid) != (os.getuid(), os.getgid()):
+        try:
+            os.chown(staging, before.st_uid, before.st_gid)
+        except PermissionError:
+            log.warning(
+                "cannot give the rewritten keys file back to uid %d / gid %d (not permitted); "
+                "run the keys command as the file's owner or with sudo",
+                before.st_uid,
+                before.st_gid,
+            )
+    os.chmod(staging, stat.S_IMODE(before.st_mode))
 
 
 def _digest(key: str) -> str:

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tunnelvision.api.deps import DOCUMENTED_AUTH, StateDep
+from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, StateDep
+from tunnelvision.api.errors import request_id
+from tunnelvision.api.state import AppState
 from tunnelvision.schemas import ErrorResponse, ModelInfo, ModelsResponse
 
 router = APIRouter(tags=["health"])
+
+# Why not ready, in one word for anyone: the phase's own text can name files and exceptions.
+PHASE_WORDS = {
+    "starting": "starting",
+    "loading models": "loading",
+    "warming up": "warming_up",
+    "shutting down": "shutting_down",
+    "failed": "failed",
+    "ready": "worker_stopped",  # ready, yet not: the device worker has gone
+}
+READYZ_RETRY_AFTER_S = "5"
 
 
 @router.get("/healthz", summary="Liveness: the process answers (instant, even during inference)")
@@ -21,15 +34,44 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: models loaded, warmed up, worker alive",
-    responses={503: {"model": ErrorResponse, "description": "not ready, with the reason"}},
+    description=(
+        "Anyone gets `status` and, when not ready, a one-word `reason` (`starting`, `loading`, "
+        "`warming_up`, `shutting_down`, `failed`, `worker_stopped`). A caller who sends a valid "
+        "key or Access token also gets `phase`, `detail` (the full reason), `queue` (the "
+        "scheduler's counters) and `auth` (the policy and any problem with the keys file)."
+    ),
+    responses={
+        200: {"description": "ready"},
+        503: {"model": ErrorResponse, "description": "not ready, with the reason; Retry-After"},
+    },
 )
-async def readyz(state: StateDep) -> JSONResponse:
+async def readyz(request: Request, state: StateDep, principal: PrincipalDep) -> JSONResponse:
     reason = state.not_ready_reason()
-    body: dict[str, Any] = {"phase": state.phase, "queue": state.stats()}
+    word = None if reason is None else reason_word(state)
+    body: dict[str, Any] = {"status": "ready"} if word is None else {"status": "not_ready", "reason": word}
+    if principal is not None:
+        body.update(readiness_detail(request, state, reason))
     if reason is None:
-        return JSONResponse({"status": "ready", **body})
-    error = {"code": "not_ready", "message": f"not ready: {reason}"}
-    return JSONResponse({"error": error, **body}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(body)
+    message = f"not ready: {reason if principal is not None else word}"
+    error = {"code": "not_ready", "message": message, "request_id": request_id(request)}
+    return JSONResponse(
+        {"error": error, **body}, status_code=503, headers={"Retry-After": READYZ_RETRY_AFTER_S}
+    )
+
+
+def reason_word(state: AppState) -> str:
+    return PHASE_WORDS.get(state.phase, "not_ready")
+
+
+def readiness_detail(request: Request, state: AppState, reason: str | None) -> dict[str, Any]:
+    """For authenticated callers only: exception text, file paths and counters."""
+    return {
+        "phase": state.phase,
+        "detail": reason,
+        "queue": state.stats(),
+        "auth": request.scope.get("state", {}).get("auth_report"),
+    }
 
 
 @router.get(
