@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="largest decoded image (width x height); guards against bombs"
     )
+    max_mask_pixels: int = Field(
+        2_000_000_000,
+        ge=1,
+        description="masks x image pixels one request may make (boxes or max_detections); more gets 422",
+    )
     cpu_threads: int = Field(2, ge=1, description="threads for decoding, resizing and mask encoding")
     sam_chunk_size: int = Field(64, ge=1, description="boxes decoded by SAM in one call")
     max_batch: int = Field(8, ge=1, le=64, description="requests the device worker runs in one pass")
@@ -85,6 +90,15 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=0, description="disk for the images of unfinished jobs; more gets 507"
     )
     max_job_images: int = Field(1000, ge=1, description="images in one job")
+    jobs_owner_quota_bytes: int = Field(
+        1024**3, ge=0, description="disk for the images of one key's unfinished jobs; more gets 507"
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="tries per job image (a crash mid-image counts); then it is recorded failed"
+    )
+    jobs_retention_s: float = Field(
+        7 * 86400.0, gt=0, description="finished jobs and their results are deleted this long after"
+    )
 
     # -- exposure: authentication, limits, proxies ---------------------------------------------
     auth: AuthPolicy = Field(
@@ -101,6 +115,9 @@ class Settings(BaseSettings):
     access_certs_url: str = Field("", description="JWKS URL override (default: the team's certs URL)")
     access_jwks_cooldown_s: float = Field(
         30.0, ge=0, description="least seconds between JWKS refreshes on an unknown key id"
+    )
+    access_jwks_lifespan_s: float = Field(
+        300.0, gt=0, description="seconds the JWKS is trusted; a key removed from it stops working after"
     )
     insecure_no_auth: bool = Field(
         False, description="allow a non-loopback bind without authentication (warned at every start)"

@@ -79,3 +79,28 @@ class DeviceOutOfMemory(Retryable):
 
 class QuotaExceeded(TunnelvisionError):
     code = "quota_exceeded"
+
+
+class RequestTooCostly(InvalidInput):
+    """The request would make more mask pixels than the server allows (checked before any work)."""
+
+    code = "request_too_costly"
+
+
+class StorageFull(TunnelvisionError):
+    """The server's disk has no room for the upload; nothing of it was kept."""
+
+    code = "insufficient_storage"
+
+
+class UnsupportedImageFormat(UnsupportedMediaType):
+    """An image in a format the server does not open (ICO, PSD, ...); the message lists those it does."""
+
+    code = "unsupported_image_format"
+
+
+class MalformedInput(InvalidInput):
+    """Bytes that cannot be read as what they claim to be: JSON nested too deeply, a damaged,
+    encrypted or unsafe archive member."""
+
+    code = "malformed_input"

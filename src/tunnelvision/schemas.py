@@ -235,6 +235,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class JobImageError(BaseModel):
+    file_name: str
+    error: str = Field(..., description="why this image failed (after its tries, where retryable)")
+
+
 class JobStatus(BaseModel):
     id: str
     status: Literal["queued", "running", "done", "failed", "cancelled"]
@@ -243,3 +248,6 @@ class JobStatus(BaseModel):
     failed: int
     progress: float = Field(..., description="(done + failed) / total")
     created: float = Field(..., description="Unix time")
+    errors: list[JobImageError] = Field(
+        default_factory=list, description="the failed images (the first 100) and why each failed"
+    )

@@ -344,3 +344,50 @@ def test_no_waiting_for_company_when_none_is_on_its_way() -> None:
     began = time.monotonic()
     assert result(scheduler.submit("hopeful", far(), key="A").future) == "done hopeful"
     assert time.monotonic() - began >= 0.9  # someone is being prepared: wait for them
+
+
+def test_a_fatal_device_error_ends_the_worker_fails_its_batch_and_the_queue_and_says_so() -> None:
+    """A lost CUDA device is not retried item by item on the broken device: the batch and the
+    queue fail at once and `on_failure` is told (the server then exits to be restarted)."""
+    runner, failures = Recorder(), list[str]()
+
+    def lose_the_device(replica: Any, items: list[Any]) -> list[Any]:
+        if "lost" in items:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return runner(replica, items)
+
+    scheduler: Scheduler[str] = Scheduler(
+        ["r"],
+        8,
+        runner=lose_the_device,
+        max_batch=4,
+        batch_wait_s=0.2,
+        is_fatal=lambda exc: "CUDA error" in str(exc),
+        on_failure=failures.append,
+    )
+    scheduler.start()
+    assert result(scheduler.submit("ok", far()).future) == "done ok"
+    batch = [scheduler.submit(item, far(), key="k") for item in ("a", "lost", "b")]
+    queued = scheduler.submit("c", far(), key="other")  # waits for the next pass
+    for task in [*batch, queued]:
+        with pytest.raises(WorkerUnavailable):
+            result(task.future)
+    assert runner.batches == [["ok"]]  # the failing batch was not retried item by item
+    wait_until(lambda: len(failures) == 1)
+    assert not scheduler.healthy
+    assert "CUDA error: an illegal memory access" in failures[0]
+
+
+def test_a_worker_ending_at_shutdown_is_no_failure() -> None:
+    failures: list[str] = []
+    scheduler: Scheduler[str] = Scheduler(["r"], 8, on_failure=failures.append)
+    scheduler.start()
+    scheduler.begin_shutdown()
+    assert scheduler.join(5) and failures == []
+
+
+def wait_until(condition: Any, timeout_s: float = 5) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)

@@ -15,11 +15,13 @@ from tunnelvision.errors import (
     ImageTooLarge,
     InvalidImage,
     InvalidInput,
+    MalformedInput,
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
     QuotaExceeded,
     Retryable,
+    StorageFull,
     TunnelvisionError,
     UnsupportedMediaType,
 )
@@ -36,6 +38,7 @@ class ClientDisconnected(TunnelvisionError):
 STATUS_BY_ERROR: dict[type[TunnelvisionError], int] = {
     InvalidImage: 400,
     InvalidInput: 422,
+    MalformedInput: 400,
     NotFound: 404,
     PayloadTooLarge: 413,
     ImageTooLarge: 413,
@@ -45,6 +48,7 @@ STATUS_BY_ERROR: dict[type[TunnelvisionError], int] = {
     ModelUnavailable: 503,
     DeadlineExceeded: 504,
     QuotaExceeded: 507,
+    StorageFull: 507,
 }
 
 _CODE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

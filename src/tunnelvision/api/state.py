@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,17 +28,28 @@ class AppState:
         self.engine: Engine | None = None
         self.phase = "starting"
         self.failure: str | None = None
-        # Called with the reason when models cannot load; `serve` uses it to exit non-zero.
+        # Called with the reason when models cannot load, or the device is lost after: `serve`
+        # uses it to exit non-zero, so systemd or Docker restart the process.
         self.on_fatal: Callable[[str], None] | None = None
         self.metrics = Metrics(self.snapshot)
         self.jobs = JobStore(settings.data_dir / "jobs")
-        self.job_runner = JobRunner(self.jobs, lambda: self.engine if self.phase == "ready" else None)
+        self.job_runner = JobRunner(
+            self.jobs,
+            lambda: self.engine if self.not_ready_reason() is None else None,
+            max_attempts=settings.job_max_attempts,
+            retention_s=settings.jobs_retention_s,
+        )
 
     async def load(self) -> None:
         try:
             self.phase = "loading models"
             backends = await asyncio.to_thread(self.backend_factory, self.settings)
-            self.engine = Engine(backends, engine_config(self.settings), on_batch=self.metrics.on_batch)
+            self.engine = Engine(
+                backends,
+                engine_config(self.settings),
+                on_batch=self.metrics.on_batch,
+                on_failure=self._from_worker(asyncio.get_running_loop()),
+            )
             self.engine.start()
             if self.settings.warmup:
                 self.phase = "warming up"
@@ -57,6 +69,25 @@ class AppState:
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
+    def _from_worker(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """The engine's failure callback, on a worker thread: hop onto the loop."""
+
+        def device_failed(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+                loop.call_soon_threadsafe(self._device_failed, reason)
+
+        return device_failed
+
+    def _device_failed(self, reason: str) -> None:
+        """The engine has failed its waiters; not ready from now on, and the process is done
+        (on_fatal) so that it restarts with a fresh device."""
+        if self.phase != "ready":  # shutting down anyway
+            return
+        self.failure = reason
+        log.error("%s", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
     def begin_shutdown(self) -> None:
         if self.phase != "failed":
             self.phase = "shutting down"
@@ -69,6 +100,8 @@ class AppState:
             await self.engine.close()
 
     def not_ready_reason(self) -> str | None:
+        if self.phase == "ready" and self.failure is not None:
+            return self.failure
         if self.phase == "ready" and self.engine is not None and not self.engine.scheduler.healthy:
             return "the device worker has stopped"
         if self.phase == "failed":
@@ -82,8 +115,8 @@ class AppState:
             return self.engine
         if self.phase == "shutting down":
             raise ShuttingDown("server is shutting down; retry shortly", 5.0)
-        if self.phase == "ready":
-            raise WorkerUnavailable(f"not serving: {reason}", 30.0)
+        if self.phase == "ready":  # the reason's exception text is for the log, not the client
+            raise WorkerUnavailable("not serving: the device worker has stopped; retry after a restart", 30.0)
         raise NotReady(f"not ready: {reason}", 5.0)
 
     def stats(self) -> dict[str, Any]:
@@ -109,4 +142,5 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms,
         image_cache_bytes=settings.image_cache_bytes,
+        max_mask_pixels=settings.max_mask_pixels,
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +21,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tunnelvision.drawing import annotate
-from tunnelvision.engine.backend import Backend, BackendInfo
+from tunnelvision.engine.backend import Backend, BackendInfo, Deadline, is_device_lost
 from tunnelvision.engine.cache import ByteLRU
-from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, Scheduler
-from tunnelvision.errors import InvalidInput, NotFound
+from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, FailureObserver, Scheduler
+from tunnelvision.errors import InvalidInput, NotFound, RequestTooCostly
 from tunnelvision.imaging import RGBImage, decode_image
 from tunnelvision.schemas import (
     AnnotateParams,
@@ -36,6 +38,7 @@ from tunnelvision.schemas import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ANONYMOUS = "anonymous"  # the owner of requests made without authentication
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class EngineConfig:
     max_batch: int = 1
     batch_wait_ms: float = 0.0
     image_cache_bytes: int = 0  # decoded images kept for `image_id` requests
+    max_mask_pixels: int = 2_000_000_000  # masks x image pixels one request may make
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,22 @@ class _Outcome:
     image_id: str
     detections: list[Any]
     timings_ms: dict[str, float]
+    deadline: Deadline
 
 
 class Engine:
+    """`owner` names who sent a request (an API key's principal, or ANONYMOUS): an image and its
+    embedding are found again only by the owner who sent them (see `image_id_for`).
+
+    `on_failure` is told (from a worker thread) when the device can no longer serve: the last
+    worker ended, or the device was lost (a CUDA error other than out-of-memory)."""
+
     def __init__(
-        self, backends: Sequence[Backend], config: EngineConfig, on_batch: BatchObserver | None = None
+        self,
+        backends: Sequence[Backend],
+        config: EngineConfig,
+        on_batch: BatchObserver | None = None,
+        on_failure: FailureObserver | None = None,
     ) -> None:
         if not backends:
             raise ValueError("an engine needs at least one backend")
@@ -81,9 +96,12 @@ class Engine:
             batch_wait_s=config.batch_wait_ms / 1000,
             on_batch=on_batch,
             company_hint=lambda: self._preparing,
+            is_fatal=is_device_lost,
+            on_failure=on_failure,
         )
         self._preparing = 0  # requests decoded or being prepared, not yet queued
-        self.images: ByteLRU[RGBImage] = ByteLRU(config.image_cache_bytes)
+        self.images: ByteLRU[RGBImage] = ByteLRU(config.image_cache_bytes)  # by (owner, image_id)
+        self._id_key = secrets.token_bytes(32)  # per process: ids are never comparable across runs
         self._cpu = ThreadPoolExecutor(config.cpu_threads, thread_name_prefix="cpu")
 
     @property
@@ -130,9 +148,11 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def detect(self, image: bytes | None, params: DetectParams) -> DetectResponse:
+    async def detect(
+        self, image: bytes | None, params: DetectParams, owner: str = ANONYMOUS
+    ) -> DetectResponse:
         """`image` is the encoded file; None to use `params.image_id` from an earlier call."""
-        outcome = await self._process(image, params)
+        outcome = await self._process(image, params, owner)
         return DetectResponse(
             image=_image_info(outcome.image),
             image_id=outcome.image_id,
@@ -141,10 +161,14 @@ class Engine:
         )
 
     async def segment(
-        self, image: bytes | None, params: SegmentParams, priority: int = INTERACTIVE
+        self,
+        image: bytes | None,
+        params: SegmentParams,
+        owner: str = ANONYMOUS,
+        priority: int = INTERACTIVE,
     ) -> SegmentResponse:
         """`priority`: BACKGROUND for batch jobs, which then yield to interactive requests."""
-        outcome = await self._process(image, params, priority)
+        outcome = await self._process(image, params, owner, priority)
         detections = [d for d in outcome.detections if isinstance(d, Segmentation)]
         return SegmentResponse(
             image=_image_info(outcome.image),
@@ -154,37 +178,42 @@ class Engine:
             timings_ms=outcome.timings_ms,
         )
 
-    async def annotate(self, image: bytes | None, params: AnnotateParams) -> Annotation:
+    async def annotate(
+        self, image: bytes | None, params: AnnotateParams, owner: str = ANONYMOUS
+    ) -> Annotation:
         """The image with masks, boxes and labels drawn on it (PNG or JPEG)."""
         as_rle = params.model_copy(update={"mask_format": "rle"})
-        outcome = await self._process(image, as_rle)
-        picture = await self._on_cpu(partial(annotate, outcome.image, outcome.detections, params.format))
+        outcome = await self._process(image, as_rle, owner)
+        draw = partial(annotate, outcome.image, outcome.detections, params.format)
+        picture = await self._on_cpu(draw, outcome.deadline)
         return Annotation(picture, f"image/{params.format}", outcome.image_id, len(outcome.detections))
 
     async def warmup(self) -> None:
         """One pass through decode, both models and mask encoding, so the first user isn't slow."""
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
         params = SegmentParams(prompt="object", box_threshold=0.0, max_detections=1)
-        await self._process_decoded(image, "warmup", params, time.monotonic())
+        await self._process_decoded(image, "", params, Deadline.after(self.config.deadline_s))
 
     async def _process(
-        self, data: bytes | None, params: DetectParams, priority: int = INTERACTIVE
+        self, data: bytes | None, params: DetectParams, owner: str, priority: int = INTERACTIVE
     ) -> _Outcome:
         started = time.monotonic()
+        deadline = Deadline.after(self.config.deadline_s, started)
         if data is None:
-            image, image_id = self._cached_image(params.image_id or "")
+            image, image_id = self._cached_image(owner, params.image_id or "")
         else:
-            image, image_id = await self._on_cpu(
-                partial(decode_image_with_id, data, self.config.max_image_pixels)
-            )
-            self.images.put(image_id, image, image.nbytes)
+            decode = partial(decode_image_with_digest, data, self.config.max_image_pixels)
+            image, digest = await self._on_cpu(decode, deadline)
+            image_id = image_id_for(self._id_key, owner, digest)
+            self.images.put((owner, image_id), image, image.nbytes)
         decoded = time.monotonic()
-        outcome = await self._process_decoded(image, image_id, params, started, priority)
+        outcome = await self._process_decoded(image, image_id, params, deadline, priority)
         outcome.timings_ms["decode"] = _ms(decoded - started)
         return outcome
 
-    def _cached_image(self, image_id: str) -> tuple[RGBImage, str]:
-        image = self.images.get(image_id)
+    def _cached_image(self, owner: str, image_id: str) -> tuple[RGBImage, str]:
+        """Another owner's image_id is as unknown as one never given out: the same 404."""
+        image = self.images.get((owner, image_id))
         if image is None:
             raise NotFound(
                 f"image_id '{image_id}' is not in the cache (evicted or never sent): send the image again"
@@ -196,36 +225,46 @@ class Engine:
         image: RGBImage,
         image_id: str,
         params: DetectParams,
-        started: float,
+        deadline: Deadline,
         priority: int = INTERACTIVE,
     ) -> _Outcome:
-        deadline = started + self.config.deadline_s
         check_prompts_inside(image, params)
+        check_mask_work(image, params, self.config.max_mask_pixels)
+        deadline.check()
         t_prepare = time.monotonic()
         backend = self.backends[0]  # prepare/finish are CPU work: any replica's processors do
         self._preparing += 1
         try:
-            prepared = await self._on_cpu(partial(backend.prepare, image, params, image_id))
+            prepare = partial(backend.prepare, image, params, image_id, deadline.check)
+            prepared = await self._on_cpu(prepare, deadline)
             t_submit = time.monotonic()
             task = self.scheduler.submit(
-                (prepared, params), deadline, priority, key=backend.batch_key(prepared, params)
+                (prepared, params), deadline.at, priority, key=backend.batch_key(prepared, params)
             )
         finally:
             self._preparing -= 1
         raw, device_start, device_end = await self.scheduler.wait(task)
-        detections = await self._on_cpu(partial(backend.finish, raw, params, prepared))
+        deadline.check()
+        finish = partial(backend.finish, raw, params, prepared, deadline.check)
+        detections = await self._on_cpu(finish, deadline)
         done = time.monotonic()
         timings = {
             "prepare": _ms(t_submit - t_prepare),
             "queue": _ms(device_start - t_submit),
             "device": _ms(device_end - device_start),
             "finish": _ms(done - device_end),
-            "total": _ms(done - started),
+            "total": _ms(done - deadline.started),
         }
-        return _Outcome(image, image_id, detections, timings)
+        return _Outcome(image, image_id, detections, timings, deadline)
 
-    async def _on_cpu(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
+    async def _on_cpu(self, fn: Callable[[], T], deadline: Deadline) -> T:
+        """Run `fn` in the CPU pool; past the deadline the request answers at once. The thread
+        cannot be interrupted: `fn` stops at its next `deadline.check`, or its result is dropped."""
+        work = asyncio.get_running_loop().run_in_executor(self._cpu, fn)
+        try:
+            return await asyncio.wait_for(work, timeout=deadline.remaining())
+        except TimeoutError:
+            raise deadline.exceeded() from None
 
 
 def run_timed_batch(backend: Backend, items: list[tuple[Any, DetectParams]]) -> list[Any]:
@@ -236,9 +275,31 @@ def run_timed_batch(backend: Backend, items: list[tuple[Any, DetectParams]]) -> 
     return [raw if isinstance(raw, BaseException) else (raw, start, end) for raw in raws]
 
 
-def decode_image_with_id(data: bytes, max_pixels: int) -> tuple[RGBImage, str]:
-    """The pixels, and an id for the content (what `image_id` and the caches are keyed by)."""
-    return decode_image(data, max_pixels), hashlib.sha256(data).hexdigest()[:32]
+def decode_image_with_digest(data: bytes, max_pixels: int) -> tuple[RGBImage, bytes]:
+    """The pixels, and the SHA-256 of the file (what `image_id_for` turns into an id)."""
+    return decode_image(data, max_pixels), hashlib.sha256(data).digest()
+
+
+def image_id_for(key: bytes, owner: str, digest: bytes) -> str:
+    """An id for this owner's image: the same owner sending the same file gets the same id (and
+    cache hits); another owner gets another id, and without the process's key an id tells
+    nothing about the content (a bare hash would confirm that an image was seen before)."""
+    message = owner.encode("utf-8", "surrogatepass") + b"\0" + digest
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+
+
+def check_mask_work(image: RGBImage, params: DetectParams, max_mask_pixels: int) -> None:
+    """Every mask is upscaled to the image's size and encoded: bound masks x pixels up front."""
+    if not isinstance(params, SegmentParams):
+        return
+    masks = len(params.boxes) if params.boxes else 1 if params.points else params.max_detections
+    height, width = image.shape[:2]
+    work = masks * width * height
+    if work > max_mask_pixels:
+        raise RequestTooCostly(
+            f"up to {masks} masks of {width}x{height} pixels is {work} mask pixels, over this "
+            f"server's {max_mask_pixels}: lower max_detections, send fewer boxes or a smaller image"
+        )
 
 
 def check_prompts_inside(image: RGBImage, params: DetectParams) -> None:

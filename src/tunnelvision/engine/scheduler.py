@@ -52,6 +52,13 @@ class Task(Generic[T]):
 # exception instance fails that item only. Raising fails the batch: it is then split and retried.
 BatchRunner = Callable[[R, list[Any]], list[Any]]
 BatchObserver = Callable[[int, float, list[float]], None]  # size, device seconds, queue waits
+# Told why, from the worker thread, when the scheduler cannot go on serving as configured (the
+# last worker ended, or one hit a fatal error): the process should then restart.
+FailureObserver = Callable[[str], None]
+
+
+class WorkerStopped(Exception):
+    """Raised inside a worker to end it: the error left its replica unusable."""
 
 
 def run_each(replica: Any, items: list[Any]) -> list[Any]:
@@ -79,6 +86,8 @@ class Scheduler(Generic[R]):
         name: str = "device",
         on_batch: BatchObserver | None = None,
         company_hint: Callable[[], int] | None = None,
+        is_fatal: Callable[[BaseException], bool] = lambda exc: False,
+        on_failure: FailureObserver | None = None,
     ) -> None:
         self._replicas = list(replicas)
         self._max_queue = max_queue
@@ -89,6 +98,10 @@ class Scheduler(Generic[R]):
         # How many requests are on their way to the queue (being decoded/prepared); with none,
         # waiting for company only adds latency. None: always wait up to batch_wait_s.
         self._company_hint = company_hint
+        # An error after which the replica is unusable (a lost CUDA context): its worker ends,
+        # failing its batch, instead of retrying items on a broken device.
+        self._is_fatal = is_fatal
+        self._on_failure = on_failure
         self._clock = clock
         self._name = name
         self._cond = threading.Condition()
@@ -286,13 +299,16 @@ class Scheduler(Generic[R]):
         return True
 
     def _worker_main(self, replica: R) -> None:
+        reason = ""
         try:
             while (batch := self._next_batch()) is not None:
                 self._execute(batch, replica)
-        except BaseException:  # the thread ends either way; say why, then fail the waiters
+        except BaseException as exc:  # the thread ends either way; say why, then fail the waiters
+            cause = exc.__cause__ if isinstance(exc, WorkerStopped) and exc.__cause__ else exc
+            reason = f"{type(cause).__name__}: {cause}"
             log.critical("%s worker died", self._name, exc_info=True)
         finally:
-            self._on_worker_exit()
+            self._on_worker_exit(reason)
 
     def _execute(self, batch: list[Task[Any]], replica: R) -> None:
         live = [task for task in batch if task.future.set_running_or_notify_cancel()]
@@ -321,8 +337,12 @@ class Scheduler(Generic[R]):
             results = self._runner(replica, [task.item for task in tasks])
             if len(results) != len(tasks):
                 raise RuntimeError(f"runner returned {len(results)} results for {len(tasks)} items")
+            for outcome in results:
+                if isinstance(outcome, BaseException):
+                    self._raise_if_fatal(outcome)
             return results
         except Exception as exc:
+            self._raise_if_fatal(exc)
             if len(tasks) == 1:
                 return [exc]
             oom = isinstance(exc, DeviceOutOfMemory)
@@ -330,6 +350,12 @@ class Scheduler(Generic[R]):
                 self._counts["batch_splits_oom" if oom else "batch_retries_single"] += 1
             parts = [tasks[: len(tasks) // 2], tasks[len(tasks) // 2 :]] if oom else [[t] for t in tasks]
             return [outcome for part in parts for outcome in self._run_isolated(replica, part)]
+
+    def _raise_if_fatal(self, exc: BaseException) -> None:
+        if isinstance(exc, WorkerStopped):
+            raise exc
+        if self._is_fatal(exc):
+            raise WorkerStopped(f"{self._name} unusable") from exc
 
     def _settle(self, task: Task[Any], outcome: Any) -> None:
         if isinstance(outcome, BaseException):
@@ -356,15 +382,19 @@ class Scheduler(Generic[R]):
         if self._on_batch is not None:
             self._on_batch(len(batch), elapsed, [started - task.enqueued_at for task in batch])
 
-    def _on_worker_exit(self) -> None:
-        """A worker that ends leaves nobody hanging: when it was the last, fail every waiter."""
+    def _on_worker_exit(self, reason: str) -> None:
+        """A worker that ends leaves nobody hanging: when it was the last, fail every waiter.
+        Then, unless shutting down, say so: a dead worker or a lost device needs a restart."""
         with self._cond:
             self._alive -= 1
             orphans = self._drain_queue("worker_stopped") if self._alive == 0 else []
+            unexpected = self._accepting  # at shutdown, workers end by design
             if self._alive == 0 and self._accepting:
                 log.error("%s worker stopped unexpectedly; failing %d queued", self._name, len(orphans))
         for task in orphans:
             task.future.set_exception(WorkerUnavailable("the device worker stopped", 30.0))
+        if unexpected and self._on_failure is not None:
+            self._on_failure(f"the {self._name} worker has stopped ({reason or 'it returned'})")
 
 
 _COUNTERS = (

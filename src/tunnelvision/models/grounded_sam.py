@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel
 
-from tunnelvision.engine.backend import BackendInfo
+from tunnelvision.engine.backend import BackendInfo, Check, no_deadline
 from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
 from tunnelvision.imaging import RGBImage
@@ -40,7 +40,7 @@ class Prepared:
     boxes: torch.Tensor | None  # box prompts, original pixels
     points: torch.Tensor | None  # point prompts (n, 2) and their labels (n,)
     point_labels: torch.Tensor | None
-    image_id: str = ""  # content hash: the embedding cache's key ("" never hits: not cached)
+    image_id: str = ""  # the sender's id for the image: the embedding cache's key ("": not cached)
 
 
 @dataclass
@@ -91,12 +91,15 @@ class GroundedSam:
 
     # -- CPU: prepare ----------------------------------------------------------------------
 
-    def prepare(self, image: RGBImage, params: DetectParams, image_id: str = "") -> Prepared:
+    def prepare(
+        self, image: RGBImage, params: DetectParams, image_id: str = "", check: Check = no_deadline
+    ) -> Prepared:
         height, width = image.shape[:2]
         prepared = Prepared(height, width, None, [], None, (1.0, 1.0), None, None, None, image_id)
         if params.phrases:
             prepared.detector_inputs, prepared.phrase_spans = self._prepare_detector(image, params.phrases)
         if isinstance(params, SegmentParams):
+            check()  # each processor resizes and normalises the whole image
             self._prepare_sam(image, params, prepared)
         return prepared
 
@@ -255,7 +258,9 @@ class GroundedSam:
 
     # -- CPU: finish -----------------------------------------------------------------------
 
-    def finish(self, raw: RawResult, params: DetectParams, prepared: Prepared) -> list[Detection]:
+    def finish(
+        self, raw: RawResult, params: DetectParams, prepared: Prepared, check: Check = no_deadline
+    ) -> list[Detection]:
         phrases = params.phrases
         labels = [phrases[int(i)] for i in raw.phrase_ids] if raw.phrase_ids is not None else None
         if not isinstance(params, SegmentParams):
@@ -263,15 +268,21 @@ class GroundedSam:
                 Detection(label=labels[i] if labels else None, score=_score(raw.scores, i), box=_box(b))
                 for i, b in enumerate(raw.boxes)
             ]
-        return self._finish_masks(raw, params, prepared, labels)
+        return self._finish_masks(raw, params, prepared, labels, check)
 
     def _finish_masks(
-        self, raw: RawResult, params: SegmentParams, prepared: Prepared, labels: list[str] | None
+        self,
+        raw: RawResult,
+        params: SegmentParams,
+        prepared: Prepared,
+        labels: list[str] | None,
+        check: Check,
     ) -> list[Detection]:
         if raw.low_res_masks is None or raw.mask_scores is None:
             return []
         results: list[Detection] = []
         for i, low_res in enumerate(raw.low_res_masks):
+            check()  # each mask is upscaled to full size and encoded: the costly part
             mask = self._upscale(low_res, prepared)  # one at a time: full-size masks add up fast
             box = _box(raw.boxes[i]) if prepared.points is None else mask_to_box(mask)
             results.append(

@@ -1,5 +1,8 @@
 """A simulated device for benchmarks: sleeps (the GIL released) a fixed cost per pass plus a small
-cost per item, so the scheduler can be measured without model noise. Outputs are placeholders."""
+cost per item, so the scheduler can be measured without model noise. Outputs are placeholders.
+
+A prompt holding the word SIMULATED_DEVICE_LOSS makes the pass fail as a lost CUDA device does,
+so the server's reaction (fail the waiters, exit for a restart) can be tried end to end."""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from tunnelvision.engine.backend import BackendInfo
+from tunnelvision.engine.backend import BackendInfo, Check, no_deadline
 from tunnelvision.imaging import RGBImage
 from tunnelvision.schemas import Detection, DetectParams, Segmentation, SegmentParams
+
+SIMULATED_DEVICE_LOSS = "simulate-cuda-error"
 
 
 class SimulatedBackend:
@@ -17,7 +22,9 @@ class SimulatedBackend:
         self.batch_s, self.item_s = batch_ms / 1000, item_ms / 1000
         self.info = BackendInfo("simulated", "simulated", "simulated", "float32")
 
-    def prepare(self, image: RGBImage, params: DetectParams, image_id: str = "") -> tuple[int, int]:
+    def prepare(
+        self, image: RGBImage, params: DetectParams, image_id: str = "", check: Check = no_deadline
+    ) -> tuple[int, int]:
         return int(image.shape[0]), int(image.shape[1])
 
     def batch_key(self, prepared: Any, params: DetectParams) -> Hashable:
@@ -25,12 +32,16 @@ class SimulatedBackend:
 
     def run_batch(self, items: list[tuple[Any, DetectParams]]) -> list[Any]:
         time.sleep(self.batch_s + self.item_s * len(items))
+        if any(SIMULATED_DEVICE_LOSS in params.phrases for _, params in items):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
         return [prepared for prepared, _ in items]
 
     def run(self, prepared: Any, params: DetectParams) -> Any:
         return self.run_batch([(prepared, params)])[0]
 
-    def finish(self, raw: tuple[int, int], params: DetectParams, prepared: Any) -> list[Detection]:
+    def finish(
+        self, raw: tuple[int, int], params: DetectParams, prepared: Any, check: Check = no_deadline
+    ) -> list[Detection]:
         height, width = raw
         box = [0.0, 0.0, float(width), float(height)]
         label = params.phrases[0] if params.phrases else None

@@ -6,20 +6,22 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from tunnelvision.api.deps import DOCUMENTED_AUTH, SettingsDep, StateDep
+from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, SettingsDep, StateDep
 from tunnelvision.api.job_uploads import UPLOAD_FIELDS, read_job_uploads
 from tunnelvision.api.openapi import ERROR_RESPONSES
 from tunnelvision.api.parsing import form_fields, validate_params
 from tunnelvision.coco import Coco
+from tunnelvision.engine.engine import ANONYMOUS
 from tunnelvision.errors import InvalidInput, NotFound
-from tunnelvision.jobs.store import JobRow
-from tunnelvision.schemas import JobStatus, SegmentParams, SegmentResponse
+from tunnelvision.jobs.store import ACTIVE, JobRow, JobStore
+from tunnelvision.schemas import JobImageError, JobStatus, SegmentParams, SegmentResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=DOCUMENTED_AUTH)
 JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_detections", "multimask")
+LISTED_ERRORS = 100  # failed images named in a job's status
 
 
 @router.post(
@@ -29,10 +31,16 @@ JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_dete
     responses=ERROR_RESPONSES,
     summary="Submit images (repeated `images` files, or an `archive` zip) with segment options",
 )
-async def create_job(request: Request, state: StateDep, settings: SettingsDep) -> JSONResponse:
+async def create_job(
+    request: Request, state: StateDep, settings: SettingsDep, principal: PrincipalDep
+) -> JSONResponse:
+    owner = principal or ANONYMOUS
+    room = await run_in_threadpool(
+        state.jobs.room, owner, settings.jobs_quota_bytes, settings.jobs_owner_quota_bytes
+    )
     form = await request.form(max_files=settings.max_job_images + 1, max_fields=64)
     try:
-        uploads = await read_job_uploads(form.multi_items(), settings)
+        uploads = await read_job_uploads(form.multi_items(), settings, room)
         fields = form_fields([(k, v) for k, v in form.multi_items() if k not in UPLOAD_FIELDS])
     finally:
         await form.close()
@@ -40,20 +48,23 @@ async def create_job(request: Request, state: StateDep, settings: SettingsDep) -
     if not params.phrases:
         raise InvalidInput("a job needs a text prompt: its phrases become the COCO categories")
     options = params.model_dump(include=set(JOB_OPTIONS))
-    owner = _owner(request)
     job_id = await run_in_threadpool(
-        state.jobs.create, owner, uploads, options, params.phrases, settings.jobs_quota_bytes
+        state.jobs.create,
+        owner,
+        uploads,
+        options,
+        params.phrases,
+        settings.jobs_quota_bytes,
+        settings.jobs_owner_quota_bytes,
     )
     state.job_runner.wake.set()
-    job = await _job(state, job_id, owner)
-    return JSONResponse(
-        _status(job).model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"}
-    )
+    status = await _status(state, await _job(state, job_id, owner))
+    return JSONResponse(status.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="A job's status")
-async def job_status(job_id: str, request: Request, state: StateDep) -> JobStatus:
-    return _status(await _job(state, job_id, _owner(request)))
+async def job_status(job_id: str, state: StateDep, principal: PrincipalDep) -> JobStatus:
+    return await _status(state, await _job(state, job_id, principal or ANONYMOUS))
 
 
 @router.get(
@@ -61,29 +72,41 @@ async def job_status(job_id: str, request: Request, state: StateDep) -> JobStatu
     responses=ERROR_RESPONSES,
     summary="COCO instances of the images finished so far (RLE segmentations)",
 )
-async def job_result(job_id: str, request: Request, state: StateDep) -> JSONResponse:
-    job = await _job(state, job_id, _owner(request))
+async def job_result(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
+    job = await _job(state, job_id, principal or ANONYMOUS)
+    body = await run_in_threadpool(coco_json, state.jobs, job)  # megabytes of masks: off the loop
+    return Response(body, media_type="application/json", headers={"X-Job-Status": job.status})
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobStatus,
+    responses=ERROR_RESPONSES,
+    summary="Cancel a queued or running job; delete a finished one with its results",
+)
+async def cancel_job(job_id: str, state: StateDep, principal: PrincipalDep) -> JobStatus:
+    owner = principal or ANONYMOUS
+    job = await _job(state, job_id, owner)
+    if job.status in ACTIVE:
+        await run_in_threadpool(state.jobs.cancel, job_id)
+        await run_in_threadpool(state.jobs.delete_files, job_id)
+        return await _status(state, await _job(state, job_id, owner))
+    status = await _status(state, job)  # its last status, for the answer
+    await run_in_threadpool(state.jobs.delete, job_id)
+    return status
+
+
+def coco_json(store: JobStore, job: JobRow) -> bytes:
+    """The job's finished images as one COCO file, serialised."""
     coco = Coco(job.labels)
-    for file_name, result in await run_in_threadpool(state.jobs.results, job_id):
+    for file_name, result in store.results(job.id):
         coco.add(
             file_name,
             SegmentResponse.model_validate(
                 {**json.loads(result), "image_id": "", "mask_format": "rle", "timings_ms": {}}
             ),
         )
-    return JSONResponse(coco.data, headers={"X-Job-Status": job.status})
-
-
-@router.delete("/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="Cancel a job")
-async def cancel_job(job_id: str, request: Request, state: StateDep) -> JobStatus:
-    await _job(state, job_id, _owner(request))
-    await run_in_threadpool(state.jobs.cancel, job_id)
-    await run_in_threadpool(state.jobs.delete_files, job_id)
-    return _status(await _job(state, job_id, _owner(request)))
-
-
-def _owner(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("principal") or "anonymous")
+    return json.dumps(coco.data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def _job(state: Any, job_id: str, owner: str) -> JobRow:
@@ -94,8 +117,9 @@ async def _job(state: Any, job_id: str, owner: str) -> JobRow:
     return job
 
 
-def _status(job: JobRow) -> JobStatus:
+async def _status(state: Any, job: JobRow) -> JobStatus:
     progress = (job.done + job.failed) / job.total if job.total else 1.0
+    failures = await run_in_threadpool(state.jobs.failures, job.id, LISTED_ERRORS) if job.failed else []
     return JobStatus(
         id=job.id,
         status=job.status,
@@ -104,4 +128,5 @@ def _status(job: JobRow) -> JobStatus:
         failed=job.failed,
         progress=round(progress, 4),
         created=job.created,
+        errors=[JobImageError(file_name=name, error=error) for name, error in failures],
     )
