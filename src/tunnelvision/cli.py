@@ -1,9 +1,11 @@
-"""`tunnelvision serve | models random`. Every Settings field is a serve flag."""
+"""`tunnelvision serve | up | keys | predict | tunnel | doctor | models`. Every Settings field is a
+serve (and up) flag."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
@@ -23,7 +25,15 @@ log = logging.getLogger("tunnelvision")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Any = args.handler
-    return int(handler(args))
+    try:
+        code = int(handler(args))
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+    except BrokenPipeError:
+        # The reader went away (`tunnelvision doctor --json | head -1`): stop quietly, as Unix
+        # tools do. Point stdout at /dev/null so the interpreter's final flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_flags(serve)
     serve.set_defaults(handler=run_serve)
+
+    up = commands.add_parser(
+        "up",
+        help="serve, create the first key if there is none, and publish it on a quick tunnel",
+        description="`tunnelvision serve` (every serve flag works here) plus a *.trycloudflare.com "
+        "URL. Never open: without authentication nothing is published. Ctrl-C stops both.",
+    )
+    add_settings_flags(up)
+    up.set_defaults(handler=run_up)
 
     models = commands.add_parser("models", help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)
@@ -57,24 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KEYS_FILE_HELP = "default: TUNNELVISION_KEYS_FILE or ~/.config/tunnelvision/keys.json"
+
+
 def add_keys_commands(commands: Any) -> None:
     keys = commands.add_parser("keys", help="API keys: add, list, revoke")
-    keys.add_argument(
-        "--keys-file",
-        type=Path,
-        default=None,
-        help="default: TUNNELVISION_KEYS_FILE or ~/.config/tunnelvision/keys.json",
-    )
+    keys.add_argument("--keys-file", type=Path, default=None, help=KEYS_FILE_HELP)
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     add = key_commands.add_parser("add", help="create a key; it is printed once, only its hash is kept")
     add.add_argument("name")
     add.set_defaults(handler=run_keys_add)
-    key_commands.add_parser("list", help="names, hints and dates (never the keys)").set_defaults(
-        handler=run_keys_list
-    )
+    listing = key_commands.add_parser("list", help="names, hints and dates (never the keys)")
+    listing.set_defaults(handler=run_keys_list)
     revoke = key_commands.add_parser("revoke", help="stop a key working (no restart needed)")
     revoke.add_argument("name")
     revoke.set_defaults(handler=run_keys_revoke)
+    for command in (add, listing, revoke):  # users type it after the command too
+        # SUPPRESS: when absent here, the value given before the command (or None) stands.
+        command.add_argument("--keys-file", type=Path, default=argparse.SUPPRESS, help=KEYS_FILE_HELP)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,15 +121,32 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def valid_settings(args: argparse.Namespace) -> Settings | None:
+    """The settings from flags and environment, or None after saying what is wrong."""
     try:
-        settings = settings_from_args(args)
+        return settings_from_args(args)
     except ValidationError as exc:
         print(f"tunnelvision: invalid settings:\n{exc}", file=sys.stderr)
+        return None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = valid_settings(args)
+    if settings is None:
         return 2
     from tunnelvision.server import serve
 
     return serve(settings)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    settings = valid_settings(args)
+    if settings is None:
+        return 2
+    from tunnelvision.tunnel import up
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return up.run_up(settings, up.serve_command(overrides))
 
 
 def run_models_random(args: argparse.Namespace) -> int:
@@ -178,8 +214,17 @@ def add_tunnel_commands(commands: Any) -> None:
         "--exec", dest="exec_path", default=None, help="the tunnelvision executable (default: this one)"
     )
     systemd.set_defaults(handler=run_tunnel_systemd)
-    quick = tunnel_commands.add_parser("quick", help="a throwaway trycloudflare.com URL (needs cloudflared)")
+    quick = tunnel_commands.add_parser(
+        "quick",
+        help="a throwaway trycloudflare.com URL for a running API (needs cloudflared and a key)",
+    )
     quick.add_argument("--port", type=int, default=8000)
+    quick.add_argument("--keys-file", type=Path, default=None, help=KEYS_FILE_HELP)
+    quick.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="publish even though no authentication is configured (anyone with the URL can use it)",
+    )
     quick.set_defaults(handler=run_tunnel_quick)
 
 
@@ -190,6 +235,12 @@ def add_doctor_command(commands: Any) -> None:
     doctor.add_argument("--metrics", default=None, help="cloudflared metrics host:port")
     doctor.add_argument("--config", type=Path, default=None, help="cloudflared config.yml to check")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where `tunnelvision up` keeps its state (default: settings)",
+    )
     doctor.set_defaults(handler=run_doctor)
 
 
@@ -231,26 +282,45 @@ def run_tunnel_systemd(args: argparse.Namespace) -> int:
     from tunnelvision.tunnel.systemd import api_unit, env_file, next_steps
 
     settings = Settings()
-    exec_path = args.exec_path or shutil.which("tunnelvision") or f"{sys.executable} -m tunnelvision.cli"
+    installed = args.exec_path or shutil.which("tunnelvision")
+    command = [installed] if installed else [sys.executable, "-m", "tunnelvision.cli"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     unit, env = args.out_dir / "tunnelvision.service", args.out_dir / "tunnelvision.env"
-    unit.write_text(api_unit(exec_path, args.user, settings))
-    env.write_text(env_file(settings))
+    try:
+        env_text = env_file(settings)
+    except ValueError as exc:
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 2
+    unit.write_text(api_unit(command, args.user, settings))
+    env.write_text(env_text)
     print(f"wrote {unit} and {env}\n\n{next_steps(str(unit), str(env))}")
     return 0
 
 
 def run_tunnel_quick(args: argparse.Namespace) -> int:
+    from tunnelvision.exposure import UnsafeExposure, require_auth_for_publishing
     from tunnelvision.tunnel.quick import run_quick_tunnel
 
+    overrides: dict[str, Any] = {"insecure_no_auth": args.insecure_no_auth}
+    if args.keys_file is not None:
+        overrides["keys_file"] = args.keys_file
+    try:
+        warning = require_auth_for_publishing(Settings(**overrides))
+    except UnsafeExposure as exc:
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 2
+    if warning:
+        print(f"tunnelvision: {warning}", file=sys.stderr)
     return run_quick_tunnel(args.port)
 
 
 def run_doctor(args: argparse.Namespace) -> int:
     from tunnelvision.tunnel.doctor import DoctorOptions, all_ok, render, run_checks
+    from tunnelvision.tunnel.up import read_state
 
     settings = Settings()
-    options = DoctorOptions(args.port or settings.port, args.public_url, args.metrics, args.config, settings)
+    up = read_state(args.data_dir or settings.data_dir)
+    options = DoctorOptions(args.port, args.public_url, args.metrics, args.config, settings, up)
     checks = run_checks(options)
     print(render(checks, args.json))
     return 0 if all_ok(checks) else 1

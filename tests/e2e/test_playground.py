@@ -19,6 +19,12 @@ pytestmark = pytest.mark.skipif(
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
+def csp_violations(driver: object) -> list[str]:
+    """Console messages about the Content-Security-Policy since the last call (the log drains)."""
+    entries = driver.get_log("browser")  # type: ignore[attr-defined]
+    return [e["message"] for e in entries if "Content Security Policy" in e["message"]]
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     from selenium import webdriver
@@ -36,8 +42,10 @@ def browser() -> Iterator[object]:
         "--disable-sync",
         "--disable-dev-shm-usage",
         "--window-size=1280,900",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # 127.0.0.1 only, never the CDN
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are logged here
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=options)
     yield driver
     driver.quit()
@@ -83,6 +91,32 @@ def test_upload_run_and_see_the_overlay(
         driver.refresh()
         time.sleep(0.2)
         assert driver.find_element(By.ID, "key").get_attribute("value") == "tv_kept_for_the_tab"
+        assert csp_violations(driver) == []  # its script, style, fetch, blob: and data: images
+
+
+def test_pages_run_under_their_policy_and_a_violation_would_show(
+    browser: object, tiny_models: tuple[Path, Path]
+) -> None:
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    with cli_server(*tiny_models, "--no-warmup") as (url, _):
+        csp_violations(driver)  # start from an empty log
+        driver.get(url + "/docs")  # the CDN is unreachable here: only the inline start-up script runs
+        WebDriverWait(driver, 10).until(
+            lambda d: d.execute_script("return document.readyState") == "complete"
+        )
+        assert csp_violations(driver) == []
+        driver.get(url + "/")
+        assert csp_violations(driver) == []
+        # The same check catches a page that breaks its policy: an injected inline script is refused.
+        driver.execute_script(
+            "const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+            "document.body.appendChild(s);"
+        )
+        assert driver.execute_script("return window.injected === undefined")
+        WebDriverWait(driver, 5).until(lambda d: bool(csp_violations(d)))
 
 
 def test_errors_are_shown_not_swallowed(

@@ -37,3 +37,36 @@ def test_defaults_are_safe_behind_cloudflare() -> None:
     assert settings.host == "127.0.0.1"
     assert settings.keep_alive_s > 90 and settings.deadline_s < 125
     assert settings.max_body_bytes < 100_000_000
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_keys_file_is_accepted_before_or_after_the_keys_command(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = str(tmp_path / "keys.json")
+
+    def keys_command(*words: str) -> int:
+        flag = ["--keys-file", keys]
+        return main(["keys", *flag, *words] if where == "before" else ["keys", *words, *flag])
+
+    assert keys_command("add", "me") == 0
+    assert capsys.readouterr().out.startswith("tv_")
+    assert keys_command("list") == 0
+    assert capsys.readouterr().out.startswith("me\t")
+    assert keys_command("revoke", "me") == 0
+    assert keys_command("list") == 0
+    assert capsys.readouterr().out == ""
+    assert Path(keys).is_file()
+
+
+def test_up_takes_every_serve_flag_and_hands_them_to_serve() -> None:
+    from tunnelvision.tunnel.up import serve_command
+
+    given = ["up", "--port", "9100", "--no-warmup", "--data-dir", "/srv/tv data", "--cors-origins=-x"]
+    args = build_parser().parse_args(given)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    command = serve_command(overrides)
+    assert command[1:4] == ["-m", "tunnelvision.cli", "serve"]
+    served = settings_from_args(build_parser().parse_args(command[3:]))
+    assert (served.port, served.warmup, str(served.data_dir)) == (9100, False, "/srv/tv data")
+    assert served.cors_origins == "-x"

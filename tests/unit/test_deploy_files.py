@@ -17,6 +17,11 @@ def test_compose_runs_the_api_on_a_gpu_and_cloudflared_after_it_is_healthy() -> 
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert api["environment"]["TUNNELVISION_AUTH"] == "keys"
     assert any(v.endswith(":/home/tunnelvision/.cache/huggingface") for v in api["volumes"])
+    # keys and jobs on named volumes (they start owned by the image's user, unlike a bind mount)
+    mounts = {target: source for source, target in (v.split(":")[:2] for v in api["volumes"])}
+    assert mounts["/config"] in compose["volumes"] and mounts["/data"] in compose["volumes"]
+    assert api["environment"]["TUNNELVISION_DATA_DIR"] == "/data"
+    assert api["environment"]["TUNNELVISION_KEYS_FILE"].startswith("/config/")
     assert tunnel["image"].startswith("cloudflare/cloudflared")
     assert tunnel["command"].split()[0] == "tunnel" and tunnel["command"].split()[-1] == "run"
     assert "TUNNEL_TOKEN" in tunnel["environment"]
@@ -30,8 +35,14 @@ def test_dockerfile_uses_cuda_a_non_root_user_and_a_healthcheck() -> None:
     assert re.search(r"download\.pytorch\.org/whl/cu\d+", dockerfile)
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0")
-    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", dockerfile, re.M)
-    assert 'VOLUME ["/home/tunnelvision/.cache/huggingface"]' in dockerfile
+    # readiness, not liveness: unhealthy while models load or once the device is unusable
+    assert re.search(r"^HEALTHCHECK .*\n?.*/readyz", dockerfile, re.M)
+    assert "/healthz" not in dockerfile.split("HEALTHCHECK", 1)[1]
+    assert 'VOLUME ["/home/tunnelvision/.cache/huggingface", "/config", "/data"]' in dockerfile
+    # the folders the volumes start from belong to the service user, so it can write keys and jobs
+    chown = re.search(r"chown -R tunnelvision:tunnelvision ([^\n]+)", dockerfile)
+    assert chown and {"/config", "/data"} <= set(chown.group(1).split())
+    assert "TUNNELVISION_DATA_DIR=/data" in dockerfile
     assert dockerfile.strip().endswith('CMD ["tunnelvision", "serve"]')
 
 
@@ -46,5 +57,6 @@ def test_deploy_guide_covers_both_routes_and_the_error_table() -> None:
         "**413**",
         "**429**",
         "tunnelvision doctor",
+        "tunnelvision up",
     ):
         assert words in guide, words

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import configparser
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -9,7 +13,7 @@ import yaml
 from support import make_settings
 from tunnelvision.tunnel.config import TunnelConfigError, build_config, ingress_problems, render_config
 from tunnelvision.tunnel.doctor import classify_public_answer
-from tunnelvision.tunnel.systemd import api_unit, env_file
+from tunnelvision.tunnel.systemd import api_unit, env_file, env_value, next_steps
 
 UUID = "6ff42ae2-765d-4adf-8112-31c55c1551ef"
 
@@ -49,7 +53,7 @@ def test_ingress_problems_are_named() -> None:
 def test_systemd_unit_restarts_waits_for_network_and_reads_an_env_file() -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(api_unit("/opt/tv/bin/tunnelvision", "tv", make_settings()))
+    parser.read_string(api_unit(["/opt/tv/bin/tunnelvision"], "tv", make_settings()))
     assert parser["Unit"]["After"] == "network-online.target"
     assert parser["Service"]["Restart"] == "always"
     assert parser["Service"]["ExecStart"] == "/opt/tv/bin/tunnelvision serve"
@@ -76,3 +80,57 @@ def test_public_answers_are_classified(status: int, body: str, words: str) -> No
     check = classify_public_answer("https://api.example.com/healthz", httpx.Response(status, text=body), 8000)
     assert words in check.detail
     assert check.ok is (status == 200)
+
+
+def unquote_exec_start(line: str) -> list[str]:
+    """ExecStart= words as systemd reads them: %% and $$ are literal, a quoted word keeps its
+    spaces, and inside it \\" and \\\\ are escapes."""
+    words = re.findall(r'"((?:[^"\\]|\\.)*)"|(\S+)', line)
+    values = [bare or re.sub(r"\\(.)", r"\1", quoted) for quoted, bare in words]
+    return [v.replace("%%", "%") for v in values[:1]] + [
+        v.replace("%%", "%").replace("$$", "$") for v in values[1:]
+    ]
+
+
+def unquote_env_value(value: str) -> str:
+    """An EnvironmentFile= value as systemd reads it (double quotes; \\ escapes " \\ ` $)."""
+    if value.startswith('"') and value.endswith('"'):
+        return re.sub(r'\\(["\\`$])', r"\1", value[1:-1])
+    return value
+
+
+def unit_lines(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_systemd_values_with_spaces_and_percent_signs_survive() -> None:
+    command = ["/opt/my venv/100% tools/bin/python", "-m", 'tunnel"vision $HOME']
+    unit = unit_lines(api_unit(command, "tv", make_settings(), "/etc/tunnel vision/100%.env"))
+    assert unit["ExecStart"] == '"/opt/my venv/100%% tools/bin/python" -m "tunnel\\"vision $$HOME" serve'
+    assert unquote_exec_start(unit["ExecStart"]) == [*command, "serve"]
+    assert unit["EnvironmentFile"] == "-/etc/tunnel vision/100%%.env"
+    settings = make_settings(detector="/models/my gdino", segmenter='/m/"sam" $x `y`\\z')
+    env = unit_lines(env_file(settings))
+    assert env["TUNNELVISION_DETECTOR"] == '"/models/my gdino"'
+    assert unquote_env_value(env["TUNNELVISION_DETECTOR"]) == "/models/my gdino"
+    assert unquote_env_value(env["TUNNELVISION_SEGMENTER"]) == settings.segmenter
+    assert env["TUNNELVISION_HOST"] == "127.0.0.1"  # plain values stay plain
+    with pytest.raises(ValueError, match="line break"):
+        env_value("a\nTUNNELVISION_AUTH=auto")
+    assert "'/tmp/my units/tunnelvision.service'" in next_steps("/tmp/my units/tunnelvision.service", "e")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_accepts_the_unit_for_an_executable_under_a_path_with_spaces_and_percent(
+    tmp_path: Path,
+) -> None:
+    program = tmp_path / "my venv" / "100% sure" / "tunnelvision"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    unit = tmp_path / "tunnelvision.service"
+    unit.write_text(api_unit([str(program)], "root", make_settings(), str(tmp_path / "env file")))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

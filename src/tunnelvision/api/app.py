@@ -13,13 +13,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from tunnelvision import __version__
-from tunnelvision.api.errors import install_error_handlers
+from tunnelvision.api.errors import handle_unexpected, install_error_handlers
 from tunnelvision.api.guard import GuardMiddleware
 from tunnelvision.api.middleware import (
     BodyLimitMiddleware,
     RecordSink,
     RequestIdMiddleware,
     RequestRecordMiddleware,
+    SecurityHeadersMiddleware,
+    UnexpectedErrorMiddleware,
     access_log_sink,
 )
 from tunnelvision.api.routes import health, jobs, metrics, playground, predict
@@ -57,7 +59,14 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
                     await task
             await state.close()
 
-    app = FastAPI(title="tunnelvision", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="tunnelvision",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served by routes/playground.py, each page with its Content-Security-Policy
+        redoc_url=None,
+    )
     app.state.tunnelvision = state
     install_error_handlers(app)
     app.include_router(health.router)
@@ -97,6 +106,8 @@ def add_middleware(app: FastAPI, settings: Settings, state: AppState) -> None:
     if settings.access_log:
         sinks.append(access_log_sink(logging.getLogger("tunnelvision.access")))
     app.add_middleware(RequestRecordMiddleware, sinks=sinks)
+    app.add_middleware(UnexpectedErrorMiddleware, handler=handle_unexpected)  # a bug's 500, in here
+    app.add_middleware(SecurityHeadersMiddleware)  # on 401/413/429 from the middleware above too
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, even a 413, has an id
 
 

@@ -7,9 +7,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunnelvision.errors import PayloadTooLarge
@@ -37,6 +39,70 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+# A JSON API needs no sources at all. HTML pages (api/routes/playground.py) send their own policy,
+# which this middleware leaves alone; every policy forbids framing (clickjacking).
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-security-policy", DEFAULT_CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers that predate it
+)
+
+
+class SecurityHeadersMiddleware:
+    """The headers above on every response, errors from other middleware included, unless the
+    response already set its own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                message["headers"] = headers + [h for h in SECURITY_HEADERS if h[0] not in present]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an exception that escapes the app with `handler`'s 500 here, inside the middleware
+    that adds request ids and security headers: Starlette would answer it outside all of them."""
+
+    def __init__(self, app: ASGIApp, handler: ErrorHandler) -> None:
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as exc:
+            if started:  # too late for an answer: the server closes the connection
+                raise
+            response = await self.handler(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 def _incoming_id(scope: Scope) -> str | None:

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse_networks(specs: Iterable[str]) -> list[Network]:
@@ -14,10 +15,17 @@ def parse_networks(specs: Iterable[str]) -> list[Network]:
 
 def is_trusted(peer: str | None, trusted: list[Network]) -> bool:
     try:
-        address = ipaddress.ip_address(peer or "")
+        address = _unmapped(ipaddress.ip_address(peer or ""))
     except ValueError:
         return False
     return any(address in network for network in trusted)
+
+
+def _unmapped(address: Address) -> Address:
+    """`::ffff:127.0.0.1` (an IPv4 peer on a socket bound to `::`) is the IPv4 address it wraps."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def client_address(peer: str | None, headers: Mapping[str, str], trusted: list[Network]) -> str:

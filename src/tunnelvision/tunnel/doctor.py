@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,10 @@ import yaml
 
 from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
 from tunnelvision.exposure import auth_configured, is_loopback
+from tunnelvision.security.keys import KeyStore
 from tunnelvision.tunnel.config import ingress_problems
+from tunnelvision.tunnel.quick import INSTALL_HINT
+from tunnelvision.tunnel.up import UpState, pid_alive
 
 METRICS_PORTS = range(20241, 20246)  # where cloudflared puts its metrics server by default
 CONFIG_PATHS = [
@@ -23,11 +26,6 @@ CONFIG_PATHS = [
     Path("/etc/cloudflared/config.yml"),
     Path("/usr/local/etc/cloudflared/config.yml"),
 ]
-INSTALL_HINT = (
-    "install cloudflared: Debian/Ubuntu via Cloudflare's apt repository "
-    "(pkg.cloudflare.com), or the .deb from github.com/cloudflare/cloudflared/releases, "
-    "or the cloudflare/cloudflared Docker image"
-)
 
 
 @dataclass
@@ -40,25 +38,72 @@ class Check:
 
 @dataclass
 class DoctorOptions:
-    port: int
+    port: int | None  # None: the settings' (or `tunnelvision up`'s) port
     public_url: str | None = None
     metrics: str | None = None  # host:port of cloudflared's metrics server
     config: Path | None = None
     settings: Settings = field(default_factory=Settings)
+    up: UpState | None = None  # what `tunnelvision up` runs, from its state file
+
+
+def resolve(options: DoctorOptions) -> DoctorOptions:
+    """Fill what was not given: from `tunnelvision up`'s state when it runs here, else settings."""
+    up, settings = options.up, options.settings
+    if up is None or not pid_alive(up.pid):
+        return replace(options, port=options.port or settings.port)
+    return DoctorOptions(
+        options.port or up.port,
+        options.public_url or up.public_url,
+        options.metrics or up.metrics,
+        options.config,
+        settings.model_copy(update={"keys_file": Path(up.keys_file), "port": up.port}),
+        up,
+    )
 
 
 def run_checks(options: DoctorOptions) -> list[Check]:
-    checks = check_local_server(options.port)
-    checks += [check_keep_alive(options.settings), check_bind(options.settings), check_auth(options.settings)]
+    options = resolve(options)
+    port = options.port or options.settings.port
+    quick = options.up is not None and pid_alive(options.up.pid)  # no service, no config.yml
+    checks = [check_up(options.up)] if options.up else []
+    checks += check_local_server(port)
+    settings = options.settings
     checks += [
-        check_cloudflared_installed(),
-        check_cloudflared_service(),
-        check_cloudflared_ready(options.metrics),
+        check_keep_alive(settings),
+        check_bind(settings),
+        check_auth(settings),
+        check_keys_file(settings),
     ]
-    checks.append(check_config(options.config, options.port))
+    checks.append(check_cloudflared_installed())
+    if not quick:
+        checks.append(check_cloudflared_service())
+    checks.append(check_cloudflared_ready(options.metrics))
+    if not quick:
+        checks.append(check_config(options.config, port))
     if options.public_url:
-        checks.append(check_public_url(options.public_url, options.port))
+        checks.append(check_public_url(options.public_url, port))
     return checks
+
+
+# -- `tunnelvision up` -------------------------------------------------------------------------
+
+
+def check_up(up: UpState) -> Check:
+    if not pid_alive(up.pid):
+        return Check(
+            "up",
+            False,
+            f"`tunnelvision up` (pid {up.pid}) is gone but left its state file behind",
+            "start it again with `tunnelvision up` (that replaces the file; a quick tunnel's URL "
+            "changes at every start)",
+        )
+    where = up.public_url or "a quick tunnel still starting"
+    return Check(
+        "up",
+        True,
+        f"`tunnelvision up` (pid {up.pid}) publishes {up.origin} at {where} "
+        f"(API pid {up.api_pid}, cloudflared pid {up.tunnel_pid})",
+    )
 
 
 # -- the local API ---------------------------------------------------------------------------
@@ -73,7 +118,7 @@ def check_local_server(port: int) -> list[Check]:
             Check(
                 "api",
                 False,
-                f"nothing answers on {base}",
+                f"nothing answers on {base}: through the tunnel, visitors get Cloudflare's 502 Bad Gateway",
                 "start it: `tunnelvision serve` (or `sudo systemctl start tunnelvision`); check --port",
             )
         ]
@@ -135,6 +180,38 @@ def check_auth(settings: Settings) -> Check:
         "no authentication: through the tunnel anyone can use your GPU",
         "`tunnelvision keys add NAME`, or put the hostname behind Cloudflare Access",
     )
+
+
+def check_keys_file(settings: Settings) -> Check:
+    store = KeyStore(settings.keys_file)
+    keys_required = settings.auth in ("keys", "both")
+    if not store.present():
+        if keys_required:
+            return Check(
+                "keys file",
+                False,
+                f"{store.path} does not exist and auth={settings.auth}: every request gets 401",
+                "`tunnelvision keys add NAME`",
+            )
+        return Check("keys file", None, f"none at {store.path} (API keys are off)")
+    problem = store.problem()
+    if problem is not None:
+        return Check(
+            "keys file",
+            False,
+            problem,
+            "fix or restore it (`tunnelvision keys list` reads it); until then a running server keeps "
+            "the keys it read last, and a new one accepts none",
+        )
+    count = len(store.entries())
+    if count == 0:
+        return Check(
+            "keys file",
+            False,
+            f"{store.path} holds no keys: every request gets 401",
+            "`tunnelvision keys add NAME`",
+        )
+    return Check("keys file", True, f"{store.path}: {count} key(s)")
 
 
 # -- cloudflared -----------------------------------------------------------------------------

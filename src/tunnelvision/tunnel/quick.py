@@ -9,13 +9,26 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from tunnelvision.tunnel.doctor import INSTALL_HINT
-
-URL_PATTERN = re.compile(r"https://[a-z0-9-]+\.trycloudflare\.com")
+INSTALL_HINT = (
+    "install cloudflared: Debian/Ubuntu via Cloudflare's apt repository "
+    "(pkg.cloudflare.com), or the .deb from github.com/cloudflare/cloudflared/releases, "
+    "or the cloudflare/cloudflared Docker image"
+)
+# The tunnel's own hostname; api.trycloudflare.com is the service cloudflared asks for one.
+URL_PATTERN = re.compile(r"https://(?!api\.)[a-z0-9-]+\.trycloudflare\.com")
 LIMITS = (
     "Quick tunnels have no SLA and allow at most 200 in-flight requests (then 429). "
     "For a stable hostname use a named tunnel: `tunnelvision tunnel config`."
 )
+
+
+def config_file_warning() -> str | None:
+    if not Path("~/.cloudflared/config.yml").expanduser().is_file():
+        return None
+    return (
+        "warning: ~/.cloudflared/config.yml exists; cloudflared refuses quick tunnels while it "
+        "does (move it aside)"
+    )
 
 
 def run_quick_tunnel(port: int, out: TextIO = sys.stdout) -> int:
@@ -23,12 +36,9 @@ def run_quick_tunnel(port: int, out: TextIO = sys.stdout) -> int:
     if binary is None:
         print(f"cloudflared is not installed: {INSTALL_HINT}", file=out)
         return 1
-    if Path("~/.cloudflared/config.yml").expanduser().is_file():
-        print(
-            "warning: ~/.cloudflared/config.yml exists; cloudflared refuses quick tunnels while it "
-            "does (move it aside)",
-            file=out,
-        )
+    warning = config_file_warning()
+    if warning:
+        print(warning, file=out)
     command = [binary, "tunnel", "--no-autoupdate", "--url", f"http://127.0.0.1:{port}"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None

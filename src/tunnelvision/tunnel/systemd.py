@@ -1,15 +1,53 @@
-"""systemd units: the API as a service, and the steps for cloudflared's own service."""
+r"""systemd units: the API as a service, and the steps for cloudflared's own service.
+
+Values are written by systemd's rules, so paths with spaces, `%`, `$` or quotes survive: in a unit
+file `%` starts a specifier (`%%` is a literal one) and ExecStart= splits words at spaces (a quoted
+word keeps them, with C escapes inside) and expands `$VAR` (`$$` is a literal one); an environment
+file's values are taken whole when double-quoted, where `\\`, `\"`, `\$` and `` \` `` are escapes.
+"""
 
 from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
 
 from tunnelvision.config import Settings
 
 ENV_FILE = "/etc/tunnelvision/tunnelvision.env"
+_NEEDS_QUOTES = re.compile(r"[\s\"'\\;]")
+_ENV_PLAIN = re.compile(r"^[A-Za-z0-9_./:,+@=-]+$")
 
 
-def api_unit(exec_start: str, user: str, settings: Settings, env_file: str = ENV_FILE) -> str:
+def unit_value(value: str) -> str:
+    """A directive's value with specifiers disarmed."""
+    return value.replace("%", "%%")
+
+
+def exec_word(word: str, program: bool = False) -> str:
+    """One ExecStart= word, kept one word and literal (`$` is expanded in arguments, not in the
+    program's path)."""
+    literal = unit_value(word) if program else unit_value(word).replace("$", "$$")
+    if word and not _NEEDS_QUOTES.search(word):
+        return literal
+    return '"' + literal.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def env_value(value: str) -> str:
+    """A value for an EnvironmentFile= line."""
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"{value!r}: an environment file value cannot hold a line break")
+    if _ENV_PLAIN.match(value):
+        return value
+    return '"' + re.sub(r'(["\\`$])', r"\\\1", value) + '"'
+
+
+def api_unit(command: Sequence[str], user: str, settings: Settings, env_file: str = ENV_FILE) -> str:
+    """`command` is the tunnelvision executable as argv words, e.g. [path] or [python, -m, ...]."""
     # SIGTERM fails the queue at once and lets the running request finish; give it the deadline.
     stop_timeout = int(settings.deadline_s) + 20
+    program, *arguments = [*command, "serve"]
+    exec_start = " ".join([exec_word(program, program=True), *map(exec_word, arguments)])
     return f"""[Unit]
 Description=tunnelvision API (GroundingDINO + SAM)
 Wants=network-online.target
@@ -17,9 +55,9 @@ After=network-online.target
 
 [Service]
 Type=simple
-User={user}
-EnvironmentFile=-{env_file}
-ExecStart={exec_start} serve
+User={unit_value(user)}
+EnvironmentFile=-{unit_value(env_file)}
+ExecStart={exec_start}
 Restart=always
 RestartSec=5
 KillSignal=SIGTERM
@@ -38,7 +76,7 @@ KEYS_FILE = "/etc/tunnelvision/keys.json"
 def env_file(settings: Settings) -> str:
     lines = ["# tunnelvision settings (see `tunnelvision serve --help`); one TUNNELVISION_NAME=value a line"]
     for name in ("detector", "segmenter", "device", "dtype", "host", "port"):
-        lines.append(f"TUNNELVISION_{name.upper()}={getattr(settings, name)}")
+        lines.append(f"TUNNELVISION_{name.upper()}={env_value(str(getattr(settings, name)))}")
     lines += [
         "# Behind a tunnel the API is public: require keys, even before the first one exists.",
         "TUNNELVISION_AUTH=keys",
@@ -49,10 +87,11 @@ def env_file(settings: Settings) -> str:
 
 
 def next_steps(unit_path: str, env_path: str) -> str:
+    unit_path, env_path = shlex.quote(unit_path), shlex.quote(env_path)  # shell lines to paste
     return f"""Next steps:
   sudo install -D -m 644 {unit_path} /etc/systemd/system/tunnelvision.service
   sudo install -D -m 640 {env_path} {ENV_FILE}
-  sudo tunnelvision keys --keys-file {KEYS_FILE} add me    # prints the key once
+  sudo tunnelvision keys add me --keys-file {KEYS_FILE}    # prints the key once
   sudo chown <service user> {KEYS_FILE}
   sudo systemctl daemon-reload && sudo systemctl enable --now tunnelvision
 
