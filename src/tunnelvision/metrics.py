@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tunnelvision.logs import dropped_lines
+
 STAGES = ("decode", "prepare", "queue", "device", "finish", "total")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SCHEDULER_COUNTERS = (
@@ -59,6 +61,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(engine_stats))
+        self.registry.register(LogCollector())
 
     def on_batch(self, size: int, device_s: float, queue_waits: list[float]) -> None:
         """The scheduler's observer (called from the device worker)."""
@@ -102,6 +105,17 @@ class EngineCollector(Collector):
         for device, allocated in stats.get("device_memory", {}).items():
             memory.add_metric([device], allocated)
         yield memory
+
+
+class LogCollector(Collector):
+    """Log lines lost because the log sink was slower than the traffic (see logs.py)."""
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "tunnelvision_log_lines_dropped",
+            "Log lines dropped: the log sink was too slow",
+            value=dropped_lines(),
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -12,6 +12,7 @@ from tunnelvision.api.app import create_app
 from tunnelvision.api.state import AppState
 from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
 from tunnelvision.exposure import UnsafeExposure, check_exposure
+from tunnelvision.logs import configure_logging, stop_logging
 
 log = logging.getLogger("tunnelvision")
 
@@ -36,12 +37,21 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def fail(self, reason: str) -> None:
+        """Exit non-zero (after answering the requests in flight) so systemd or Docker restart us."""
+        log.critical("exiting with status 1 for a restart: %s", reason)
         self.exit_code = 1
         self.should_exit = True
 
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    try:
+        return _serve(settings)
+    finally:
+        stop_logging()  # writes the queued lines, the refusal or the last words included
+
+
+def _serve(settings: Settings) -> int:
     try:
         warning = check_exposure(settings)
     except UnsafeExposure as exc:
@@ -66,19 +76,10 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=settings.keep_alive_s,
         server_header=False,
         access_log=False,  # ours is structured and knows the key name: AccessLogMiddleware
+        log_config=None,  # keep our non-blocking handlers (logs.py) for uvicorn's records too
         timeout_graceful_shutdown=int(settings.deadline_s) + 5,
     )
     server = GracefulServer(config, state)
     state.on_fatal = server.fail
     server.run()
     return server.exit_code
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    access = logging.getLogger("tunnelvision.access")  # JSON lines, nothing around them
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.propagate = False
-    access.setLevel(logging.INFO)
