@@ -9,17 +9,32 @@ from pydantic import BaseModel
 from tunnelvision.api.parsing import JSON_TEXT_FIELDS
 from tunnelvision.schemas import ErrorResponse
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "the image could not be decoded",
-        413: "body or image over the size limits",
-        415: "unsupported Content-Type",
-        422: "invalid parameters (the message names the field)",
-        503: "queue full, out of memory, not ready or shutting down; see Retry-After",
-        504: "deadline passed",
-    }.items()
+ERROR_DESCRIPTIONS = {
+    400: "malformed input: the image cannot be decoded, JSON nested too deeply, a damaged zip member",
+    401: "no valid API key or Cloudflare Access login (WWW-Authenticate says how)",
+    404: "no such job, or an image_id not in the cache (evicted, never sent, or another key's)",
+    413: "body, image, frame or archive member over the size limits",
+    415: "unsupported Content-Type, or an image format other than JPEG, PNG, WebP, GIF, BMP, TIFF",
+    422: "invalid parameters (the message names the field), or more mask work than max_mask_pixels",
+    429: "rate limit or in-flight cap for this client; see Retry-After",
+    503: "queue full, out of memory, not ready or shutting down; see Retry-After",
+    504: "deadline passed",
+    507: "the jobs quota (all keys, or this key) is used up, or the disk is full",
 }
+GUARDED = (401, 429)  # what GuardMiddleware may answer on any protected route
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route really returns (all in ErrorResponse's shape)."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in sorted({*GUARDED, *statuses})
+    }
+
+
+PREDICT_ERRORS = error_responses(400, 404, 413, 415, 422, 503, 504)
+JOB_CREATE_ERRORS = error_responses(400, 413, 415, 422, 507)
+JOB_ERRORS = error_responses(404)
 
 
 def request_body(params_model: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:

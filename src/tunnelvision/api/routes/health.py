@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, StateDep
 from tunnelvision.api.errors import request_id
+from tunnelvision.api.openapi import error_responses
 from tunnelvision.api.state import AppState
 from tunnelvision.schemas import ErrorResponse, ModelInfo, ModelsResponse
 
@@ -79,6 +80,7 @@ def readiness_detail(request: Request, state: AppState, reason: str | None) -> d
     response_model=ModelsResponse,
     summary="The models being served",
     dependencies=DOCUMENTED_AUTH,
+    responses=error_responses(503),
 )
 async def models(state: StateDep) -> ModelsResponse:
     info = state.ready_engine().info

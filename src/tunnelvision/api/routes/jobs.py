@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, SettingsDep, StateDep
 from tunnelvision.api.job_uploads import UPLOAD_FIELDS, read_job_uploads
-from tunnelvision.api.openapi import ERROR_RESPONSES
+from tunnelvision.api.openapi import JOB_CREATE_ERRORS, JOB_ERRORS
 from tunnelvision.api.parsing import form_fields, validate_params
 from tunnelvision.coco import Coco
 from tunnelvision.engine.engine import ANONYMOUS
@@ -28,7 +28,7 @@ LISTED_ERRORS = 100  # failed images named in a job's status
     "",
     status_code=202,
     response_model=JobStatus,
-    responses=ERROR_RESPONSES,
+    responses=JOB_CREATE_ERRORS,
     summary="Submit images (repeated `images` files, or an `archive` zip) with segment options",
 )
 async def create_job(
@@ -62,14 +62,14 @@ async def create_job(
     return JSONResponse(status.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-@router.get("/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES, summary="A job's status")
+@router.get("/{job_id}", response_model=JobStatus, responses=JOB_ERRORS, summary="A job's status")
 async def job_status(job_id: str, state: StateDep, principal: PrincipalDep) -> JobStatus:
     return await _status(state, await _job(state, job_id, principal or ANONYMOUS))
 
 
 @router.get(
     "/{job_id}/result",
-    responses=ERROR_RESPONSES,
+    responses=JOB_ERRORS,
     summary="COCO instances of the images finished so far (RLE segmentations)",
 )
 async def job_result(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
@@ -81,7 +81,7 @@ async def job_result(job_id: str, state: StateDep, principal: PrincipalDep) -> R
 @router.delete(
     "/{job_id}",
     response_model=JobStatus,
-    responses=ERROR_RESPONSES,
+    responses=JOB_ERRORS,
     summary="Cancel a queued or running job; delete a finished one with its results",
 )
 async def cancel_job(job_id: str, state: StateDep, principal: PrincipalDep) -> JobStatus:

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, SettingsDep, StateDep
 from tunnelvision.api.errors import ClientDisconnected
-from tunnelvision.api.openapi import ERROR_RESPONSES, request_body
+from tunnelvision.api.openapi import PREDICT_ERRORS, request_body
 from tunnelvision.api.parsing import read_prediction_request
 from tunnelvision.engine.engine import ANONYMOUS, Annotation, Engine
 from tunnelvision.schemas import (
@@ -59,7 +59,7 @@ def add_prediction_route(
         name=path.strip("/"),
         summary=summary,
         response_model=response_model,
-        responses={**ERROR_RESPONSES, **(responses or {})},
+        responses={**PREDICT_ERRORS, **(responses or {})},
         openapi_extra=request_body(params_model, json_model),
     )
 
