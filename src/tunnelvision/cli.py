@@ -28,6 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(handler(args))
         sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+    except KeyCommandError as exc:  # a keys file that cannot be used, a name taken: a message
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:  # a bad TUNNELVISION_* variable, in any command
+        print(f"tunnelvision: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (`tunnelvision doctor --json | head -1`): stop quietly, as Unix
         # tools do. Point stdout at /dev/null so the interpreter's final flush cannot fail too.
@@ -332,11 +338,7 @@ def key_store(args: argparse.Namespace) -> KeyStore:
 
 def run_keys_add(args: argparse.Namespace) -> int:
     store = key_store(args)
-    try:
-        key = store.add(args.name)
-    except KeyCommandError as exc:
-        print(f"tunnelvision: {exc}", file=sys.stderr)
-        return 1
+    key = store.add(args.name)
     print(key)
     print(f"Key '{args.name}' added to {store.path}. It is shown only now: store it safely.", file=sys.stderr)
     return 0
@@ -352,11 +354,7 @@ def run_keys_list(args: argparse.Namespace) -> int:
 
 
 def run_keys_revoke(args: argparse.Namespace) -> int:
-    try:
-        key_store(args).revoke(args.name)
-    except KeyCommandError as exc:
-        print(f"tunnelvision: {exc}", file=sys.stderr)
-        return 1
+    key_store(args).revoke(args.name)
     print(f"revoked '{args.name}'", file=sys.stderr)
     return 0
 

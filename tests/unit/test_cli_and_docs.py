@@ -70,3 +70,26 @@ def test_up_takes_every_serve_flag_and_hands_them_to_serve() -> None:
     served = settings_from_args(build_parser().parse_args(command[3:]))
     assert (served.port, served.warmup, str(served.data_dir)) == (9100, False, "/srv/tv data")
     assert served.cors_origins == "-x"
+
+
+@pytest.mark.parametrize("command", [["list"], ["add", "ops"], ["revoke", "ops"]])
+def test_keys_commands_on_an_unusable_keys_file_print_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    broken = tmp_path / "keys.json"
+    broken.write_text('{"keys": [')  # truncated
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    for path in (broken, folder):
+        assert main(["keys", *command, "--keys-file", str(path)]) == 1
+        error = capsys.readouterr().err
+        assert str(path) in error and "Traceback" not in error
+    assert broken.read_text() == '{"keys": ['  # never overwritten
+
+
+def test_a_bad_environment_variable_is_a_message_in_every_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TUNNELVISION_PORT", "not-a-port")
+    assert main(["keys", "list"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
