@@ -2,6 +2,7 @@
 
     python bench/flood.py                       # 200 connections for 30 s against a fresh server
     python bench/flood.py --seconds 10 --connections 100
+    python bench/flood.py --log-kbps 200       # the server's stderr read at 200 KB/s
 
 Starts `tunnelvision serve --backend simulated` on a free 127.0.0.1 port (the default per-client
 rate limit: 600/min, burst 60), then opens `--connections` keep-alive connections from this
@@ -152,7 +153,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve_simulated(extra: list[str]) -> Iterator[str]:
+def serve_simulated(extra: list[str], log_kbps: float = 0) -> Iterator[str]:
     """`tunnelvision serve --backend simulated` as users start it; ended by its own pid."""
     import httpx
 
@@ -175,10 +176,10 @@ def serve_simulated(extra: list[str]) -> Iterator[str]:
         "--log-level",
         "warning",
     ]
-    import os
-
-    log_sink = os.environ.get("FLOOD_LOG_SINK")
-    sink = subprocess.Popen([sys.executable, log_sink], stdin=subprocess.PIPE) if log_sink else None
+    sink = None
+    if log_kbps:  # the server's log goes to a reader this slow, as a remote terminal or busy journal
+        drain = [sys.executable, __file__, "--drain", str(log_kbps)]
+        sink = subprocess.Popen(drain, stdin=subprocess.PIPE)
     out = sink.stdin if sink else subprocess.DEVNULL
     process = subprocess.Popen([*command, *extra], stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
@@ -197,6 +198,16 @@ def serve_simulated(extra: list[str]) -> Iterator[str]:
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
+        if sink is not None:
+            sink.kill()
+            sink.wait(15)
+
+
+def drain(kbps: float) -> None:
+    """Read stdin at `kbps` kilobytes a second, until it closes."""
+    chunk = 4096
+    while sys.stdin.buffer.read(chunk):
+        time.sleep(chunk / (kbps * 1000))
 
 
 def render(result: FloodResult, connections: int) -> str:
@@ -227,17 +238,24 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--body-bytes", type=int, default=0, help="POST a body this large (0: GET)")
     parser.add_argument("--max-requests", type=int, default=500_000)
+    parser.add_argument(
+        "--log-kbps", type=float, default=0, help="the server's log sink reads this fast (0: /dev/null)"
+    )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # the prober subprocess
+    parser.add_argument("--drain", type=float, default=None, help=argparse.SUPPRESS)  # the slow sink
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe(args.probe, args.seconds)))
+        return 0
+    if args.drain:
+        drain(args.drain)
         return 0
     if args.url:
         result = asyncio.run(
             run(args.url, args.path, args.connections, args.seconds, args.max_requests, args.body_bytes)
         )
     else:
-        with serve_simulated([]) as url:
+        with serve_simulated([], args.log_kbps) as url:
             result = asyncio.run(
                 run(url, args.path, args.connections, args.seconds, args.max_requests, args.body_bytes)
             )

@@ -154,11 +154,14 @@ def test_each_key_has_its_own_jobs_quota(two_keys: tuple[Path, dict[str, str], d
     one_job = sum(len(data) for _, (_, data, _) in images(2))
     settings = make_settings(keys_file=keys, rate_limit_per_minute=0, jobs_owner_quota_bytes=one_job + 100)
     with ThreadServer(settings, FakeBackend(cost_s=1.0)) as srv:  # jobs stay unfinished meanwhile
-        assert submit(srv.url, images(2), headers=alice).status_code == 202
+        accepted = submit(srv.url, images(2), headers=alice)
+        assert accepted.status_code == 202
         refused = submit(srv.url, images(2), headers=alice)
         assert refused.status_code == 507 and refused.json()["error"]["code"] == "quota_exceeded"
         assert submit(srv.url, images(2), headers=bob).status_code == 202
-        assert srv.state.jobs.bytes_used("key:alice") == one_job
+        alices_job = srv.state.jobs.get(accepted.json()["id"])
+        assert alices_job is not None and alices_job.owner.startswith("key:alice#")
+        assert srv.state.jobs.bytes_used(alices_job.owner) == one_job
 
 
 def test_a_full_disk_mid_upload_leaves_nothing_behind(
@@ -275,3 +278,18 @@ def test_an_image_id_is_private_to_the_key_that_sent_the_image(
         bobs_id = segment(srv.url, bob, prompt="cat").json()["image_id"]  # the same picture
         assert bobs_id != image_id
     assert hashlib.sha256(PNG).hexdigest()[:32] not in (image_id, bobs_id)  # not a bare content hash
+
+
+def test_a_new_key_under_a_revoked_keys_name_sees_none_of_its_jobs_or_images(
+    two_keys: tuple[Path, dict[str, str], dict[str, str]],
+) -> None:
+    keys, alice, _ = two_keys
+    with ThreadServer(make_settings(keys_file=keys, rate_limit_per_minute=0), FakeBackend()) as srv:
+        job_id = submit(srv.url, images(1), headers=alice).json()["id"]
+        image_id = segment(srv.url, alice, prompt="cat").json()["image_id"]
+        store = KeyStore(keys)
+        store.revoke("alice")
+        new_alice = {"X-API-Key": store.add("alice")}  # the same name, another key
+        assert httpx.get(f"{srv.url}/v1/jobs/{job_id}", headers=new_alice).status_code == 404
+        assert segment(srv.url, new_alice, image_id=image_id, prompt="cat").status_code == 404
+        assert httpx.get(f"{srv.url}/v1/jobs/{job_id}", headers=alice).status_code == 401  # revoked

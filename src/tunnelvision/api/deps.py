@@ -9,6 +9,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 
 from tunnelvision.api.state import AppState
 from tunnelvision.config import Settings
+from tunnelvision.engine.engine import ANONYMOUS
 
 
 def get_state(request: Request) -> AppState:
@@ -26,9 +27,17 @@ def get_principal(request: Request) -> str | None:
     return str(principal) if principal is not None else None
 
 
+def get_owner(request: Request) -> str:
+    """Whose jobs and cached images the request may see: one key (or Access identity), or all
+    anonymous callers together when no authentication is configured."""
+    owner = request.scope.get("state", {}).get("owner")
+    return str(owner) if owner is not None else ANONYMOUS
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PrincipalDep = Annotated[str | None, Depends(get_principal)]
+OwnerDep = Annotated[str, Depends(get_owner)]
 
 
 # Documentation only (the "Authorize" button in /docs): GuardMiddleware enforces authentication.

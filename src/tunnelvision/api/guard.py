@@ -10,6 +10,7 @@ that breaks or disappears keeps its last good keys (KeyStore), one that appears 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,12 @@ class Unauthorized(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+@dataclass(frozen=True)
+class Caller:
+    principal: str  # who, for logs and limits: 'key:NAME', 'access:EMAIL'
+    owner: str  # whose jobs and images: one key's, even if a later key reuses its name
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ class Authenticator:
         keys = {"path": str(self.keys.path), "problem": self.keys.problem()} if self.keys_on else None
         return {"policy": self.effective_policy(), "keys_file": keys}
 
-    async def identify(self, credentials: Credentials) -> str | None:
+    async def identify(self, credentials: Credentials) -> Caller | None:
         """The caller's name when they sent valid credentials; None otherwise (never refuses)."""
         if credentials.api_key is None and credentials.access_token is None:
             return None
@@ -108,8 +115,8 @@ class Authenticator:
         except Unauthorized:
             return None
 
-    async def authenticate(self, credentials: Credentials) -> str | None:
-        """The caller's name ('key:NAME', 'access:EMAIL'), None when no auth is configured."""
+    async def authenticate(self, credentials: Credentials) -> Caller | None:
+        """Who is calling; None when no auth is configured."""
         policy = self.effective_policy()
         if policy == "none":
             return None
@@ -119,27 +126,40 @@ class Authenticator:
             if via_key is None or via_access is None:
                 raise Unauthorized("this server needs both an API key and a Cloudflare Access login")
             return via_key
-        name = via_key or via_access
-        if name is None:
+        caller = via_key or via_access
+        if caller is None:
             raise Unauthorized(_missing_message(policy, credentials))
-        return name
+        return caller
 
-    def _check_key(self, key: str | None) -> str | None:
+    def _check_key(self, key: str | None) -> Caller | None:
         if key is None:
             return None
         name = self.keys.verify(key)
         if name is None:
             raise Unauthorized("invalid API key")
-        return f"key:{name}"
+        # The owner names this key, not just its name: a key made later under a revoked key's
+        # name must not see that key's jobs and images.
+        return Caller(f"key:{name}", f"key:{name}#{key_fingerprint(key)}")
 
-    async def _check_access(self, token: str | None) -> str | None:
+    async def _check_access(self, token: str | None) -> Caller | None:
         if token is None or self.access is None:
             return None
         try:
             identity = await asyncio.to_thread(self.access.verify, token)
         except AccessDenied as exc:
             raise Unauthorized(str(exc)) from None
-        return f"access:{identity.subject}"
+        return Caller(f"access:{identity.subject}", f"access:{identity.subject}")
+
+
+def remember(state: dict[str, Any], caller: Caller | None) -> None:
+    """For the routes and the access log: who (None: anonymous) and whose resources."""
+    state["principal"] = caller.principal if caller else None
+    state["owner"] = caller.owner if caller else None
+
+
+def key_fingerprint(key: str) -> str:
+    """A short, stable id of one key (a prefix of the hash stored for it; never the key)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _missing_message(policy: str, credentials: Credentials) -> str:
@@ -178,16 +198,17 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            state["principal"] = await self.auth.authenticate(Credentials.from_headers(headers))
+            caller = await self.auth.authenticate(Credentials.from_headers(headers))
         except Unauthorized as exc:
             await send_json_error(
                 scope, send, 401, "unauthorized", exc.message, {"WWW-Authenticate": WWW_AUTHENTICATE}
             )
             return
+        remember(state, caller)
         await self._limited(scope, receive, send, state["principal"] or f"ip:{state['client']}")
 
     async def _identify(self, state: dict[str, Any], headers: Headers) -> None:
-        state["principal"] = await self.auth.identify(Credentials.from_headers(headers))
+        remember(state, await self.auth.identify(Credentials.from_headers(headers)))
         if state["principal"] is not None:
             state["auth_report"] = self.auth.report()
 

@@ -9,12 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, SettingsDep, StateDep
+from tunnelvision.api.deps import DOCUMENTED_AUTH, OwnerDep, SettingsDep, StateDep
 from tunnelvision.api.job_uploads import UPLOAD_FIELDS, read_job_uploads
 from tunnelvision.api.openapi import JOB_CREATE_ERRORS, JOB_ERRORS
 from tunnelvision.api.parsing import form_fields, validate_params
 from tunnelvision.coco import Coco
-from tunnelvision.engine.engine import ANONYMOUS
 from tunnelvision.errors import InvalidInput, NotFound
 from tunnelvision.jobs.store import ACTIVE, JobRow, JobStore
 from tunnelvision.schemas import JobImageError, JobStatus, SegmentParams, SegmentResponse
@@ -32,9 +31,8 @@ LISTED_ERRORS = 100  # failed images named in a job's status
     summary="Submit images (repeated `images` files, or an `archive` zip) with segment options",
 )
 async def create_job(
-    request: Request, state: StateDep, settings: SettingsDep, principal: PrincipalDep
+    request: Request, state: StateDep, settings: SettingsDep, owner: OwnerDep
 ) -> JSONResponse:
-    owner = principal or ANONYMOUS
     room = await run_in_threadpool(
         state.jobs.room, owner, settings.jobs_quota_bytes, settings.jobs_owner_quota_bytes
     )
@@ -63,8 +61,8 @@ async def create_job(
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=JOB_ERRORS, summary="A job's status")
-async def job_status(job_id: str, state: StateDep, principal: PrincipalDep) -> JobStatus:
-    return await _status(state, await _job(state, job_id, principal or ANONYMOUS))
+async def job_status(job_id: str, state: StateDep, owner: OwnerDep) -> JobStatus:
+    return await _status(state, await _job(state, job_id, owner))
 
 
 @router.get(
@@ -72,8 +70,8 @@ async def job_status(job_id: str, state: StateDep, principal: PrincipalDep) -> J
     responses=JOB_ERRORS,
     summary="COCO instances of the images finished so far (RLE segmentations)",
 )
-async def job_result(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
-    job = await _job(state, job_id, principal or ANONYMOUS)
+async def job_result(job_id: str, state: StateDep, owner: OwnerDep) -> Response:
+    job = await _job(state, job_id, owner)
     body = await run_in_threadpool(coco_json, state.jobs, job)  # megabytes of masks: off the loop
     return Response(body, media_type="application/json", headers={"X-Job-Status": job.status})
 
@@ -84,8 +82,7 @@ async def job_result(job_id: str, state: StateDep, principal: PrincipalDep) -> R
     responses=JOB_ERRORS,
     summary="Cancel a queued or running job; delete a finished one with its results",
 )
-async def cancel_job(job_id: str, state: StateDep, principal: PrincipalDep) -> JobStatus:
-    owner = principal or ANONYMOUS
+async def cancel_job(job_id: str, state: StateDep, owner: OwnerDep) -> JobStatus:
     job = await _job(state, job_id, owner)
     if job.status in ACTIVE:
         await run_in_threadpool(state.jobs.cancel, job_id)

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, SettingsDep, StateDep
+from tunnelvision.api.deps import DOCUMENTED_AUTH, OwnerDep, SettingsDep, StateDep
 from tunnelvision.api.errors import ClientDisconnected
 from tunnelvision.api.openapi import PREDICT_ERRORS, request_body
 from tunnelvision.api.parsing import read_prediction_request
-from tunnelvision.engine.engine import ANONYMOUS, Annotation, Engine
+from tunnelvision.engine.engine import Annotation, Engine
 from tunnelvision.schemas import (
     AnnotateJSONRequest,
     AnnotateParams,
@@ -42,13 +42,11 @@ def add_prediction_route(
     respond: Callable[[Any], Awaitable[Response]],
     responses: dict[int | str, dict[str, Any]] | None = None,
 ) -> None:
-    async def predict(
-        request: Request, state: StateDep, settings: SettingsDep, principal: PrincipalDep
-    ) -> Response:
+    async def predict(request: Request, state: StateDep, settings: SettingsDep, owner: OwnerDep) -> Response:
         engine = state.ready_engine()
         image, params = await read_prediction_request(request, params_model, settings.max_body_bytes)
         # The owner scopes `image_id`: one key never reaches another's cached images.
-        result = await until_disconnected(request, run(engine, image, params, principal or ANONYMOUS))
+        result = await until_disconnected(request, run(engine, image, params, owner))
         request.state.timings_ms = getattr(result, "timings_ms", {})  # for the access log
         return await respond(result)
 
