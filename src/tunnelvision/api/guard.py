@@ -18,7 +18,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tunnelvision.api.middleware import send_json_error
+from tunnelvision.api.middleware import HttpMiddleware, send_json_error
 from tunnelvision.config import Settings
 from tunnelvision.security.access import AccessDenied, AccessVerifier
 from tunnelvision.security.keys import KeyStore
@@ -168,9 +168,9 @@ def _missing_message(policy: str, credentials: Credentials) -> str:
     return "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
-class GuardMiddleware:
+class GuardMiddleware(HttpMiddleware):
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+        super().__init__(app)
         self.public = (
             ALWAYS_PUBLIC
             | (DOCS if settings.public_docs else frozenset())
@@ -184,10 +184,7 @@ class GuardMiddleware:
             InflightLimiter(settings.max_inflight_per_client) if settings.max_inflight_per_client else None
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
         state = scope.setdefault("state", {})
         peer = scope["client"][0] if scope.get("client") else None

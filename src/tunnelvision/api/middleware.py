@@ -19,8 +19,8 @@ from tunnelvision.errors import PayloadTooLarge
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    """Use Cloudflare's CF-Ray (or X-Request-ID) when sane, else a new id; echo it back."""
+class HttpMiddleware:
+    """Runs `handle` for HTTP requests; lifespan and other scopes pass straight through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -29,6 +29,16 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestIdMiddleware(HttpMiddleware):
+    """Use Cloudflare's CF-Ray (or X-Request-ID) when sane, else a new id; echo it back."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = _incoming_id(scope) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
@@ -52,17 +62,11 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 
 
-class SecurityHeadersMiddleware:
+class SecurityHeadersMiddleware(HttpMiddleware):
     """The headers above on every response, errors from other middleware included, unless the
     response already set its own."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -77,18 +81,15 @@ class SecurityHeadersMiddleware:
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
-class UnexpectedErrorMiddleware:
+class UnexpectedErrorMiddleware(HttpMiddleware):
     """Answers an exception that escapes the app with `handler`'s 500 here, inside the middleware
     that adds request ids and security headers: Starlette would answer it outside all of them."""
 
     def __init__(self, app: ASGIApp, handler: ErrorHandler) -> None:
-        self.app = app
+        super().__init__(app)
         self.handler = handler
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watching_send(message: Message) -> None:
@@ -114,17 +115,14 @@ def _incoming_id(scope: Scope) -> str | None:
     return None
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     """413 as soon as the body is known to be too big: from Content-Length, or while it streams."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             message = f"request body is over the {self.max_bytes} byte limit"
@@ -160,17 +158,14 @@ async def send_json_error(
 RecordSink = Callable[[Scope, int, float], None]  # scope, status, start time
 
 
-class RequestRecordMiddleware:
+class RequestRecordMiddleware(HttpMiddleware):
     """After each request, hands (scope, status, start) to the sinks: the access log, metrics."""
 
     def __init__(self, app: ASGIApp, sinks: list[RecordSink]) -> None:
-        self.app = app
+        super().__init__(app)
         self.sinks = sinks
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         status = 500
 
