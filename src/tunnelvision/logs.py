@@ -28,6 +28,11 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
         self.dropped = 0
         self._lock = threading.Lock()
 
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """As it is: the writing thread formats it (the base class formats here, on the event loop,
+        to make records picklable, which a queue between threads does not need)."""
+        return record
+
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
             self.queue.put_nowait(record)
