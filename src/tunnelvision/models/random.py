@@ -2,6 +2,8 @@
 
 Tiny ones make tests and `serve --demo` fast; full-size ones have the default architectures'
 shapes, so they cost what real weights cost (compute does not depend on weight values).
+This module holds the Grounded-SAM pair and the pieces every family shares; the other
+families are in `random_families`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 Size = Literal["tiny", "full"]
+GroundingFamily = Literal["grounding-dino", "mm-grounding-dino"]
 
-# GroundingDINO hard-codes BERT's ids for these tokens when it splits phrases (models.md).
+# GroundingDINO hard-codes BERT's ids for these tokens when it splits phrases, so a small
+# vocabulary must keep them where BERT has them.
 _SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-_WORDS = (
+# Whole-word tokens in every tiny tokenizer, so common prompts tokenize as they would for real.
+PROMPT_WORDS = (
     "a an the of and on in with cat cats dog dogs person people car truck forklift box pallet "
     "bird horse chair table bottle cup phone laptop tree building road sign bike bicycle"
 ).split()
@@ -27,7 +32,7 @@ def build_vocab(vocab_size: int) -> dict[str, int]:
     letters plus '##letters' so any lowercase word tokenizes to word pieces, never [UNK]."""
     vocab = dict(_SPECIAL_IDS)
     letters = list(string.ascii_lowercase)
-    pieces = [*_WORDS, *letters, *(f"##{c}" for c in letters), *string.digits, ",", "-", "'", "!"]
+    pieces = [*PROMPT_WORDS, *letters, *(f"##{c}" for c in letters), *string.digits, ",", "-", "'", "!"]
     for next_id, piece in enumerate(dict.fromkeys(p for p in pieces if p not in vocab), start=1040):
         vocab[piece] = next_id
     taken = set(vocab.values())
@@ -37,6 +42,12 @@ def build_vocab(vocab_size: int) -> dict[str, int]:
             break
         vocab[f"[unused{filler}]"] = free
     return vocab
+
+
+def save_checkpoint(path: Path, model: Any, processor: Any) -> None:
+    """One folder that `from_pretrained` reads: config, safetensors weights, processor files."""
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
 
 
 def write_random_models(out: Path, size: Size = "tiny", seed: int = 0) -> tuple[Path, Path]:
@@ -50,55 +61,68 @@ def write_random_models(out: Path, size: Size = "tiny", seed: int = 0) -> tuple[
     return detector_dir, segmenter_dir
 
 
-def write_random_detector(path: Path, size: Size) -> None:
-    from transformers import (
-        BertConfig,
-        BertTokenizerFast,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessorPil,
-        GroundingDinoProcessor,
-        SwinConfig,
+# The two share one processor and one tiny recipe: (config class, model class) in transformers.
+GROUNDING_CLASSES: dict[str, tuple[str, str]] = {
+    "grounding-dino": ("GroundingDinoConfig", "GroundingDinoForObjectDetection"),
+    "mm-grounding-dino": ("MMGroundingDinoConfig", "MMGroundingDinoForObjectDetection"),
+}
+
+
+def write_random_detector(path: Path, size: Size, family: GroundingFamily = "grounding-dino") -> None:
+    """GroundingDINO or MM-Grounding-DINO."""
+    import transformers
+
+    model = getattr(transformers, GROUNDING_CLASSES[family][1])(grounding_dino_config(size, family))
+    save_checkpoint(path, model, grounding_dino_processor(size))
+
+
+def grounding_dino_config(size: Size, family: GroundingFamily = "grounding-dino") -> Any:
+    import transformers
+    from transformers import BertConfig, SwinConfig
+
+    config_class = getattr(transformers, GROUNDING_CLASSES[family][0])
+    if size == "full":
+        return config_class()  # the -T models: Swin-T + BERT-base, 900 queries
+    return config_class(
+        backbone_config=SwinConfig(
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=4,
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        text_config=BertConfig(
+            vocab_size=_TINY_TEXT_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=256,
+        ),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,  # 1 fails: the bbox heads are tied across decoder layers
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_queries=30,
     )
+
+
+def grounding_dino_processor(size: Size) -> Any:
+    from transformers import BertTokenizerFast, GroundingDinoImageProcessorPil, GroundingDinoProcessor
 
     vocab_size = _TINY_TEXT_VOCAB if size == "tiny" else _FULL_TEXT_VOCAB
     if size == "tiny":
-        config = GroundingDinoConfig(
-            backbone_config=SwinConfig(
-                embed_dim=8,
-                depths=[1, 1, 1, 1],
-                num_heads=[1, 1, 2, 2],
-                window_size=4,
-                out_features=["stage2", "stage3", "stage4"],
-            ),
-            text_config=BertConfig(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=256,
-            ),
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            num_queries=30,
-        )
         image_size = {"shortest_edge": 160, "longest_edge": 256}
     else:
-        config = GroundingDinoConfig()  # GroundingDINO-T: Swin-T + BERT-base, 900 queries
         image_size = {"shortest_edge": 800, "longest_edge": 1333}
-    model = GroundingDinoForObjectDetection(config).eval()
-    model.save_pretrained(path)
+    # `vocab=`, not `vocab_file=`: transformers 5 ignores the latter and every word becomes [UNK].
     tokenizer = BertTokenizerFast(vocab=build_vocab(vocab_size), do_lower_case=True)
-    processor = GroundingDinoProcessor(
+    return GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessorPil(size=image_size), tokenizer=tokenizer
     )
-    processor.save_pretrained(path)
 
 
 # The released SAM image encoders (the prompt encoder and mask decoder are the same for all).
@@ -119,44 +143,54 @@ SAM_ENCODERS: dict[str, dict[str, Any]] = {
         "mlp_dim": 5120,
     },
 }
+_TINY_SAM_IMAGE = 256
 
 
 def write_random_segmenter(path: Path, size: Size, encoder: str = "vit-b") -> None:
     """`encoder` picks the full-size variant: vit-b, vit-l or vit-h."""
-    from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
+    from transformers import SamModel
 
-    if size == "tiny":
-        image_size = 256
-        config = SamConfig(
-            vision_config={
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "window_size": 4,
-                "global_attn_indexes": [1],
-                "image_size": image_size,
-                "mlp_dim": 64,
-                "output_channels": 16,
-                "num_pos_feats": 8,
-            },
-            prompt_encoder_config={
-                "hidden_size": 16,
-                "image_size": image_size,
-                "mask_input_channels": 4,
-                "image_embedding_size": image_size // 16,
-            },
-            mask_decoder_config={
-                "hidden_size": 16,
-                "mlp_dim": 32,
-                "num_attention_heads": 2,
-                "iou_head_hidden_dim": 16,
-            },
-        )
-    else:
-        image_size = 1024
-        config = SamConfig(vision_config=SAM_ENCODERS[encoder])
-    SamModel(config).eval().save_pretrained(path)
+    save_checkpoint(path, SamModel(sam_config(size, encoder)), sam_processor(size))
+
+
+def sam_config(size: Size, encoder: str = "vit-b") -> Any:
+    from transformers import SamConfig
+
+    if size == "full":
+        return SamConfig(vision_config=SAM_ENCODERS[encoder])
+    # Below 1024 works when the vision config, the prompt encoder and the processor agree.
+    return SamConfig(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "window_size": 4,
+            "global_attn_indexes": [1],
+            "image_size": _TINY_SAM_IMAGE,
+            "mlp_dim": 64,
+            "output_channels": 16,
+            "num_pos_feats": 8,
+        },
+        prompt_encoder_config={
+            "hidden_size": 16,
+            "image_size": _TINY_SAM_IMAGE,
+            "mask_input_channels": 4,
+            "image_embedding_size": _TINY_SAM_IMAGE // 16,
+        },
+        mask_decoder_config={
+            "hidden_size": 16,
+            "mlp_dim": 32,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 16,
+        },
+    )
+
+
+def sam_processor(size: Size) -> Any:
+    from transformers import SamImageProcessorPil, SamProcessor
+
+    image_size = _TINY_SAM_IMAGE if size == "tiny" else 1024
     image_processor = SamImageProcessorPil(
         size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
     )
-    SamProcessor(image_processor=image_processor).save_pretrained(path)
+    return SamProcessor(image_processor=image_processor)
