@@ -134,6 +134,30 @@ def test_cloudflare_access_jwt_matrix(jwks: JwksServer) -> None:
         assert status(jwks.token("kid-2")) == 200
 
 
+def test_an_access_login_gets_the_access_scopes_and_admin_only_when_granted(jwks: JwksServer) -> None:
+    login = {"Cf-Access-Jwt-Assertion": jwks.token("kid-1")}
+    with ThreadServer(access_settings(jwks), FakeBackend()) as srv:  # default: predict,jobs
+        assert call(srv.url, "POST", "/v1/detect", login).status_code == 200
+        assert call(srv.url, "GET", "/v1/jobs/x", login).status_code == 404
+        refused = call(srv.url, "GET", "/metrics", login)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["message"] == (
+            "this Cloudflare Access login lacks the 'admin' scope (its scopes: predict, jobs)"
+        )
+    with ThreadServer(access_settings(jwks, access_scopes="admin"), FakeBackend()) as srv:
+        assert call(srv.url, "GET", "/metrics", login).status_code == 200  # e.g. a scraper's token
+        assert call(srv.url, "POST", "/v1/detect", login).status_code == 403
+
+
+def test_with_both_credentials_the_keys_scopes_apply(jwks: JwksServer, tmp_path: Path) -> None:
+    ops = KeyStore(tmp_path / "keys.json").add("ops", ["admin"])
+    both = {"X-API-Key": ops, "Cf-Access-Jwt-Assertion": jwks.token("kid-1")}
+    settings = access_settings(jwks, auth="both", keys_file=tmp_path / "keys.json")
+    with ThreadServer(settings, FakeBackend()) as srv:
+        assert call(srv.url, "GET", "/metrics", both).status_code == 200
+        assert call(srv.url, "POST", "/v1/detect", both).status_code == 403
+
+
 @pytest.mark.parametrize(
     ("policy", "key", "jwt", "status"),
     [

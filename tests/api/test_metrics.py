@@ -41,7 +41,7 @@ def test_metrics_count_requests_batches_and_outcomes(server: ThreadServer) -> No
 
 def test_metrics_need_a_key_unless_public(tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"
-    key = KeyStore(keys).add("prometheus")
+    key = KeyStore(keys).add("prometheus", ["admin"])
     with ThreadServer(make_settings(keys_file=keys), FakeBackend()) as srv:
         assert httpx.get(srv.url + "/metrics").status_code == 401
         assert httpx.get(srv.url + "/metrics", headers={"X-API-Key": key}).status_code == 200

@@ -29,7 +29,7 @@ def status(url: str, path: str = "/v1/models", key: str | None = None) -> int:
 @pytest.fixture
 def alice(tmp_path: Path) -> tuple[Path, str]:
     path = tmp_path / "keys.json"
-    return path, KeyStore(path).add("alice")
+    return path, KeyStore(path).add("alice", ["predict", "jobs", "admin"])
 
 
 @pytest.fixture

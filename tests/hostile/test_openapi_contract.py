@@ -28,7 +28,7 @@ EXAMPLES_PER_ROUTE = 40
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ThreadServer, str]]:
     keys_file: Path = tmp_path_factory.mktemp("keys") / "keys.json"
-    key = KeyStore(keys_file).add("fuzz")
+    key = KeyStore(keys_file).add("fuzz", ["predict", "jobs", "admin"])
     config = make_settings(
         keys_file=keys_file,
         rate_limit_per_minute=0,

@@ -6,15 +6,17 @@ import hmac
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from support import JwksServer, make_settings, wait_for
 from tunnelvision.exposure import UnsafeExposure, check_exposure, is_loopback, require_auth_for_publishing
 from tunnelvision.security.access import AccessDenied, AccessVerifier
-from tunnelvision.security.keys import KeyCommandError, KeyStore
+from tunnelvision.security.keys import KeyCommandError, KeyStore, parse_scopes
 from tunnelvision.security.proxy import client_address, parse_networks
 from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter
 
@@ -156,6 +158,10 @@ def test_alg_none_and_hs256_are_refused(jwks: JwksServer) -> None:
 # -- a keys file that breaks while serving -----------------------------------------------------
 
 
+def _entry_with_scopes(scopes: str) -> bytes:
+    return f'{{"keys": [{{"name": "a", "sha256": "{"0" * 64}", "scopes": {scopes}}}]}}'.encode()
+
+
 def _good_store(tmp_path: Path) -> tuple[KeyStore, str]:
     store = KeyStore(tmp_path / "keys.json")
     return store, store.add("alice")
@@ -171,8 +177,22 @@ def _good_store(tmp_path: Path) -> tuple[KeyStore, str]:
         (b"[]", 'no "keys" list'),
         (b'{"keys": [{"name": "a"}]}', 'entry 1 lacks a "name" or a valid "sha256"'),
         (b'{"keys": [{"name": "a", "sha256": "zz"}]}', "entry 1"),
+        (_entry_with_scopes('["predict", "Admin"]'), "entry 1 ('a'): unknown scope 'Admin'"),
+        (_entry_with_scopes('"predict,admin"'), '"scopes" that is not a list of names'),
+        (_entry_with_scopes("[1]"), '"scopes" that is not a list of names'),
     ],
-    ids=["empty", "truncated", "binary", "deep", "not-an-object", "no-hash", "bad-hash"],
+    ids=[
+        "empty",
+        "truncated",
+        "binary",
+        "deep",
+        "not-an-object",
+        "no-hash",
+        "bad-hash",
+        "unknown-scope",
+        "scopes-a-string",
+        "scopes-not-names",
+    ],
 )
 def test_a_corrupt_keys_file_keeps_the_last_good_set_and_names_the_problem(
     tmp_path: Path, content: bytes, problem: str
@@ -312,3 +332,154 @@ def test_unknown_key_ids_refetch_at_most_once_per_cooldown(jwks: JwksServer) -> 
         with pytest.raises(AccessDenied, match="unknown key"):
             check.verify(forged)
     assert jwks.fetches - before <= 1
+
+
+# -- scopes ------------------------------------------------------------------------------------
+
+
+def test_keys_carry_scopes_default_predict_and_jobs_and_refuse_unknown_ones(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    plain, ops = store.add("plain"), store.add("ops", ["admin", "predict"])
+    assert [(k.name, k.scopes) for k in store.entries()] == [
+        ("plain", ("predict", "jobs")),
+        ("ops", ("predict", "admin")),  # canonical order, whatever order they were given in
+    ]
+    assert json.loads(store.path.read_text())["keys"][1]["scopes"] == ["predict", "admin"]
+    matched = store.match(ops)
+    assert matched is not None and matched.scopes == ("predict", "admin")
+    assert store.match(plain + "x") is None
+    for bad, words in ((["predict", "root"], "unknown scope 'root'"), ([], "at least one scope")):
+        with pytest.raises(KeyCommandError, match=words):
+            store.add("bad", bad)
+    assert [k.name for k in store.entries()] == ["plain", "ops"]  # nothing written
+
+
+def test_scope_lists_are_parsed_strictly() -> None:
+    assert parse_scopes(" jobs , predict,jobs, ") == ("predict", "jobs")
+    assert parse_scopes("admin") == ("admin",)
+    for text, words in (("predict,Admin", "unknown scope 'Admin'"), (" , ", "at least one")):
+        with pytest.raises(ValueError, match=words):
+            parse_scopes(text)
+    with pytest.raises(ValidationError, match="access_scopes"):
+        make_settings(access_scopes="predict,everything")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "scope"),
+    [
+        ("POST", "/v1/detect", "predict"),
+        ("POST", "/v1/segment", "predict"),
+        ("POST", "/v1/annotate", "predict"),
+        ("GET", "/v1/models", "predict"),
+        ("GET", "/v1/models/grounded-sam", "predict"),
+        ("POST", "/v1/models", "admin"),
+        ("POST", "/v1/models/grounded-sam/reload", "admin"),
+        ("GET", "/v1/models/grounded-sam/reload", "admin"),
+        ("POST", "/v1/jobs", "jobs"),
+        ("DELETE", "/v1/jobs/abc", "jobs"),
+        ("GET", "/v1/jobs/abc/result", "jobs"),
+        ("GET", "/metrics", "admin"),
+        ("GET", "/openapi.json", None),  # under --no-public-docs: any valid credentials
+        ("GET", "/v1/detectx", "admin"),
+        ("GET", "/v1/jobs/../../metrics", "admin"),  # dot segments never borrow a prefix's scope
+        ("GET", "/v1/jobs/./x", "admin"),
+        ("GET", "/anything/else", "admin"),
+    ],
+)
+def test_the_scope_table_fails_closed(method: str, path: str, scope: str | None) -> None:
+    from tunnelvision.api.guard import required_scope
+
+    assert required_scope(method, path) == scope
+
+
+# Every protected route the app serves, with the scope it was meant to need. A route added
+# without a decision fails here: give it a row in guard.SCOPE_RULES (or leave it admin) and here.
+INTENDED_SCOPES = {
+    ("POST", "/v1/detect"): "predict",
+    ("POST", "/v1/segment"): "predict",
+    ("POST", "/v1/annotate"): "predict",
+    ("GET", "/v1/models"): "predict",
+    ("POST", "/v1/models/{name}/reload"): "admin",
+    ("POST", "/v1/jobs"): "jobs",
+    ("GET", "/v1/jobs/{job_id}"): "jobs",
+    ("GET", "/v1/jobs/{job_id}/result"): "jobs",
+    ("DELETE", "/v1/jobs/{job_id}"): "jobs",
+    ("GET", "/metrics"): "admin",
+}
+
+
+def test_every_served_route_has_the_scope_it_was_meant_to_have() -> None:
+    from fastapi.routing import APIRoute
+
+    from support import FakeBackend
+    from tunnelvision.api.app import create_app
+    from tunnelvision.api.guard import ALWAYS_PUBLIC, DOCS, required_scope
+
+    app = create_app(make_settings(), lambda _settings: [FakeBackend()])
+    served = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute) and route.path not in ALWAYS_PUBLIC | DOCS
+        for method in route.methods or ()
+    }
+    undecided = served - INTENDED_SCOPES.keys()
+    assert not undecided, f"give these routes a scope in api/guard.py SCOPE_RULES: {sorted(undecided)}"
+    for method, path in served:
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
+        assert required_scope(method, concrete) == INTENDED_SCOPES[method, path], (method, path)
+
+
+def test_callers_get_their_keys_or_the_access_settings_scopes(tmp_path: Path, jwks: JwksServer) -> None:
+    import asyncio
+
+    from tunnelvision.api.guard import Authenticator, Credentials
+
+    store = KeyStore(tmp_path / "keys.json")
+    key = store.add("ops", ["admin"])
+    settings = make_settings(
+        keys_file=store.path,
+        auth="either",
+        access_team_domain="team",
+        access_aud="aud-tag",
+        access_certs_url=jwks.url,
+        access_scopes="jobs",
+    )
+    auth = Authenticator(settings)
+    by_key = asyncio.run(auth.authenticate(Credentials(key, None)))
+    by_login = asyncio.run(auth.authenticate(Credentials(None, jwks.token("kid-1"))))
+    assert by_key is not None and by_key.scopes == ("admin",)
+    assert by_key.lacking("POST", "/v1/detect") == "predict" and by_key.lacking("GET", "/metrics") is None
+    assert by_login is not None and by_login.scopes == ("jobs",)
+    assert by_login.forbidden_message("admin") == (
+        "this Cloudflare Access login lacks the 'admin' scope (its scopes: jobs)"
+    )
+
+
+def test_keys_add_takes_scopes_and_keys_list_shows_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tunnelvision.cli import main
+
+    keys = str(tmp_path / "keys.json")
+    assert main(["keys", "add", "app", "--keys-file", keys]) == 0
+    assert main(["keys", "add", "ops", "--scopes", "admin,predict", "--keys-file", keys]) == 0
+    assert "(predict,admin)" in capsys.readouterr().err
+    assert main(["keys", "list", "--keys-file", keys]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [(row[0], row[-1]) for row in rows] == [("app", "predict,jobs"), ("ops", "predict,admin")]
+
+
+@pytest.mark.parametrize("scopes", ["bogus", "", " , ", "predict,Admin"])
+def test_keys_add_with_an_unknown_scope_fails_cleanly_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scopes: str
+) -> None:
+    from tunnelvision.cli import main
+
+    keys = tmp_path / "keys.json"
+    with pytest.raises(SystemExit) as exited:
+        main(["keys", "add", "x", "--scopes", scopes, "--keys-file", str(keys)])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "argument --scopes" in error and "Traceback" not in error
+    assert "predict, jobs, admin" in error  # says what the scopes are
+    assert not keys.exists()

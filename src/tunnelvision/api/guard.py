@@ -1,7 +1,10 @@
 """Who may call, how often, how much at once: one ASGI middleware in front of the routes.
 
-Order of checks: client address (proxy trust) -> authentication -> rate limit -> in-flight cap.
-None of it reads the body, so a refused client costs no upload.
+Order of checks: client address (proxy trust) -> authentication -> scope -> rate limit ->
+in-flight cap. None of it reads the body, so a refused client costs no upload.
+
+Scopes are decided here, in one table (SCOPE_RULES), not by each route: a protected path the
+table does not name needs `admin`, so a route added without a row is closed, not open.
 
 The policy is settled when the server starts and only ever tightens while it runs: a keys file
 that breaks or disappears keeps its last good keys (KeyStore), one that appears turns keys on.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tunnelvision.api.middleware import HttpMiddleware, send_json_error
 from tunnelvision.config import Settings
 from tunnelvision.security.access import AccessDenied, AccessVerifier
-from tunnelvision.security.keys import KeyStore
+from tunnelvision.security.keys import KeyStore, parse_scopes
 from tunnelvision.security.proxy import client_address, parse_networks
 from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter, retry_after_header
 
@@ -34,6 +38,42 @@ WWW_AUTHENTICATE = 'Bearer realm="tunnelvision"'
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ScopeRule:
+    methods: frozenset[str]  # empty: any method
+    path: re.Pattern[str]  # matched against the whole path
+    scope: str | None  # None: any caller who authenticated
+
+    def matches(self, method: str, path: str) -> bool:
+        return (not self.methods or method in self.methods) and self.path.fullmatch(path) is not None
+
+
+def _rule(methods: str, path: str, scope: str | None) -> ScopeRule:
+    return ScopeRule(frozenset(methods.split()), re.compile(path), scope)
+
+
+# The first rule that matches decides; a protected path none matches needs DEFAULT_SCOPE.
+SCOPE_RULES = (
+    _rule("", r"/v1/(detect|segment|annotate)", "predict"),
+    _rule("GET HEAD", r"/v1/models(/[^/]+)?", "predict"),  # what is served (reading only)
+    _rule("POST", r"/v1/models/[^/]+/reload", "admin"),  # swapping weights
+    _rule("", r"/v1/jobs(/.*)?", "jobs"),
+    _rule("", r"/metrics", "admin"),  # when not --public-metrics
+    _rule("", "|".join(re.escape(path) for path in sorted(DOCS)), None),  # --no-public-docs
+)
+DEFAULT_SCOPE = "admin"
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a request needs (None: only to be authenticated)."""
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return DEFAULT_SCOPE  # the router does not resolve dot segments; nor should the table
+    for rule in SCOPE_RULES:
+        if rule.matches(method, path):
+            return rule.scope
+    return DEFAULT_SCOPE
+
+
 class Unauthorized(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -44,6 +84,17 @@ class Unauthorized(Exception):
 class Caller:
     principal: str  # who, for logs and limits: 'key:NAME', 'access:EMAIL'
     owner: str  # whose jobs and images: one key's, even if a later key reuses its name
+    scopes: tuple[str, ...]  # what it may call (SCOPE_RULES)
+    credential: str  # what it showed, for messages: 'key', 'Cloudflare Access login'
+
+    def lacking(self, method: str, path: str) -> str | None:
+        """The scope this request needs that this caller lacks; None when it may go on."""
+        needed = required_scope(method, path)
+        return needed if needed is not None and needed not in self.scopes else None
+
+    def forbidden_message(self, scope: str) -> str:
+        has = ", ".join(self.scopes) or "none"
+        return f"this {self.credential} lacks the '{scope}' scope (its scopes: {has})"
 
 
 @dataclass(frozen=True)
@@ -67,6 +118,7 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.configured = settings.auth
         self.keys = KeyStore(settings.keys_file)
+        self.access_scopes = parse_scopes(settings.access_scopes)
         self.access = (
             AccessVerifier(
                 settings.access_team_domain,
@@ -134,12 +186,13 @@ class Authenticator:
     def _check_key(self, key: str | None) -> Caller | None:
         if key is None:
             return None
-        name = self.keys.verify(key)
-        if name is None:
+        stored = self.keys.match(key)
+        if stored is None:
             raise Unauthorized("invalid API key")
         # The owner names this key, not just its name: a key made later under a revoked key's
         # name must not see that key's jobs and images.
-        return Caller(f"key:{name}", f"key:{name}#{key_fingerprint(key)}")
+        name = stored.name
+        return Caller(f"key:{name}", f"key:{name}#{key_fingerprint(key)}", stored.scopes, "key")
 
     async def _check_access(self, token: str | None) -> Caller | None:
         if token is None or self.access is None:
@@ -148,7 +201,8 @@ class Authenticator:
             identity = await asyncio.to_thread(self.access.verify, token)
         except AccessDenied as exc:
             raise Unauthorized(str(exc)) from None
-        return Caller(f"access:{identity.subject}", f"access:{identity.subject}")
+        who = f"access:{identity.subject}"
+        return Caller(who, who, self.access_scopes, "Cloudflare Access login")
 
 
 def remember(state: dict[str, Any], caller: Caller | None) -> None:
@@ -202,6 +256,10 @@ class GuardMiddleware(HttpMiddleware):
             )
             return
         remember(state, caller)
+        # No caller: no authentication is configured (loopback), so every scope is allowed.
+        if caller is not None and (lacking := caller.lacking(scope["method"], scope["path"])):
+            await send_json_error(scope, send, 403, "forbidden", caller.forbidden_message(lacking))
+            return
         await self._limited(scope, receive, send, state["principal"] or f"ip:{state['client']}")
 
     async def _identify(self, state: dict[str, Any], headers: Headers) -> None:

@@ -12,16 +12,18 @@ from tunnelvision.schemas import ErrorResponse
 ERROR_DESCRIPTIONS = {
     400: "malformed input: the image cannot be decoded, JSON nested too deeply, a damaged zip member",
     401: "no valid API key or Cloudflare Access login (WWW-Authenticate says how)",
+    403: "the key (or Access login) lacks this route's scope: predict, jobs or admin",
     404: "no such job, or an image_id not in the cache (evicted, never sent, or another key's)",
     413: "body, image, frame or archive member over the size limits",
     415: "unsupported Content-Type, or an image format other than JPEG, PNG, WebP, GIF, BMP, TIFF",
-    422: "invalid parameters (the message names the field), or more mask work than max_mask_pixels",
+    422: "invalid parameters (the message names the field), an unknown `model`, a prompt the pipeline "
+    "cannot take, or more mask work than max_mask_pixels",
     429: "rate limit or in-flight cap for this client; see Retry-After",
     503: "queue full, out of memory, not ready or shutting down; see Retry-After",
     504: "deadline passed",
     507: "the jobs quota (all keys, or this key) is used up, or the disk is full",
 }
-GUARDED = (401, 429)  # what GuardMiddleware may answer on any protected route
+GUARDED = (401, 403, 429)  # what GuardMiddleware may answer on any protected route
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

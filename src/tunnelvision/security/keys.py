@@ -6,6 +6,9 @@ secrets, not random ones). The file is re-read when it changes: revoking needs n
 A keys file that goes missing, unreadable or corrupt while serving never opens the server nor
 turns requests into errors: the last key set read from it stays in force, the problem is logged
 once and `problem()` names it, and a repaired file is picked up again.
+
+Each key carries scopes (`predict`, `jobs`, `admin`): what it may call. A key written before
+scopes existed (no `scopes` field) keeps what every key could do then: predict and jobs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import secrets
 import stat
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +35,10 @@ KEY_PREFIX = "tv_"
 MAX_KEYS_FILE_BYTES = 4 * 1024 * 1024  # about 20,000 keys; anything larger is not a keys file
 _HEX = frozenset("0123456789abcdef")
 
+SCOPES = ("predict", "jobs", "admin")  # in the order they are written and listed
+# What a new key gets unless told otherwise, and what a key from before scopes keeps.
+DEFAULT_SCOPES = ("predict", "jobs")
+
 
 @dataclass(frozen=True)
 class StoredKey:
@@ -38,6 +46,23 @@ class StoredKey:
     sha256: str
     hint: str  # the first characters, to tell keys apart in `keys list`
     created: str
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+
+
+def parse_scopes(text: str) -> tuple[str, ...]:
+    """'predict, admin' -> ('predict', 'admin'); ValueError naming an unknown or missing scope."""
+    return checked_scopes(part.strip() for part in text.split(",") if part.strip())
+
+
+def checked_scopes(names: Iterable[str]) -> tuple[str, ...]:
+    """The scopes named, in canonical order; ValueError for an unknown one or for none at all."""
+    chosen = set(names)
+    unknown = sorted(chosen - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope '{unknown[0]}': the scopes are {', '.join(SCOPES)}")
+    if not chosen:
+        raise ValueError(f"name at least one scope: {', '.join(SCOPES)}")
+    return tuple(scope for scope in SCOPES if scope in chosen)
 
 
 class KeyCommandError(Exception):
@@ -62,16 +87,20 @@ class KeyStore:
 
     # -- managing (the `keys` commands: a file that cannot be used is an error) --------------
 
-    def add(self, name: str) -> str:
-        """Create a key named `name`; return it (the only time it is ever seen)."""
+    def add(self, name: str, scopes: Iterable[str] = DEFAULT_SCOPES) -> str:
+        """Create a key named `name` allowed `scopes`; return it (the only time it is ever seen)."""
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise KeyCommandError("a key name uses letters, digits, '-', '_' and '.'")
+        try:
+            allowed = checked_scopes(scopes)
+        except ValueError as exc:
+            raise KeyCommandError(str(exc)) from None
         keys = self.entries()
         if any(k.name == name for k in keys):
             raise KeyCommandError(f"a key named '{name}' exists; revoke it first")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        self._write([*keys, StoredKey(name, _digest(key), key[:7], created)])
+        self._write([*keys, StoredKey(name, _digest(key), key[:7], created, allowed)])
         return key
 
     def revoke(self, name: str) -> None:
@@ -96,12 +125,17 @@ class KeyStore:
     # -- checking (serving: never fails, keeps the last good set) ----------------------------
 
     def verify(self, presented: str) -> str | None:
-        """The key's name, or None. Every stored hash is compared, in constant time."""
+        """The key's name, or None."""
+        stored = self.match(presented)
+        return stored.name if stored is not None else None
+
+    def match(self, presented: str) -> StoredKey | None:
+        """The stored key (name, scopes) or None. Every stored hash is compared, in constant time."""
         digest = _digest(presented)
         match = None
         for stored in self._current():
             if hmac.compare_digest(stored.sha256, digest):
-                match = stored.name
+                match = stored
         return match
 
     def problem(self) -> str | None:
@@ -220,7 +254,25 @@ def _stored_key(path: Path, number: int, entry: Any) -> StoredKey:
     name, sha256 = fields.get("name"), fields.get("sha256")
     if not isinstance(name, str) or not name or not isinstance(sha256, str) or not _is_sha256(sha256):
         raise KeysFileProblem(f'the keys file {path}: entry {number} lacks a "name" or a valid "sha256"')
-    return StoredKey(name, sha256, str(fields.get("hint", "")), str(fields.get("created", "")))
+    hint, created = str(fields.get("hint", "")), str(fields.get("created", ""))
+    return StoredKey(name, sha256, hint, created, _stored_scopes(path, number, fields))
+
+
+def _stored_scopes(path: Path, number: int, fields: dict[str, Any]) -> tuple[str, ...]:
+    """No field: a key from before scopes, which keeps predict and jobs. Anything unclear makes
+    the whole file unusable (the last good set stays in force) rather than guess at a right."""
+    if "scopes" not in fields:
+        return DEFAULT_SCOPES
+    scopes = fields["scopes"]
+    where = f"the keys file {path}: entry {number} ({fields['name']!r})"
+    if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+        raise KeysFileProblem(f'{where} has "scopes" that is not a list of names')
+    if not scopes:
+        return ()  # a key that may call nothing
+    try:
+        return checked_scopes(scopes)
+    except ValueError as exc:
+        raise KeysFileProblem(f"{where}: {exc}") from None
 
 
 def _is_sha256(value: str) -> bool:
