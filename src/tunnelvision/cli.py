@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from tunnelvision import __version__
 from tunnelvision.config import Settings
-from tunnelvision.security.keys import KeyCommandError, KeyStore
+from tunnelvision.models.random_families import FAMILIES
+from tunnelvision.security.keys import DEFAULT_SCOPES, SCOPES, KeyCommandError, KeyStore, parse_scopes
 
 log = logging.getLogger("tunnelvision")
 
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     random = model_commands.add_parser("random", help="write random-weight checkpoints")
-    random.add_argument("out", type=Path, help="folder; gets detector/ and segmenter/")
+    random.add_argument(
+        "out", type=Path, help="folder; gets detector/ and segmenter/, or one checkpoint with --family"
+    )
+    random.add_argument("--family", choices=FAMILIES, help="write one checkpoint of this family into OUT")
     random.add_argument(
         "--size",
         choices=["tiny", "full"],
@@ -91,8 +95,15 @@ def add_keys_commands(commands: Any) -> None:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     add = key_commands.add_parser("add", help="create a key; it is printed once, only its hash is kept")
     add.add_argument("name")
+    add.add_argument(
+        "--scopes",
+        type=scopes_argument,
+        default=DEFAULT_SCOPES,
+        help=f"what the key may call, comma-separated from {', '.join(SCOPES)} "
+        f"(default: {','.join(DEFAULT_SCOPES)}; admin: /metrics and model reloads)",
+    )
     add.set_defaults(handler=run_keys_add)
-    listing = key_commands.add_parser("list", help="names, hints and dates (never the keys)")
+    listing = key_commands.add_parser("list", help="names, hints, dates and scopes (never the keys)")
     listing.set_defaults(handler=run_keys_list)
     revoke = key_commands.add_parser("revoke", help="stop a key working (no restart needed)")
     revoke.add_argument("name")
@@ -102,16 +113,26 @@ def add_keys_commands(commands: Any) -> None:
         command.add_argument("--keys-file", type=Path, default=argparse.SUPPRESS, help=KEYS_FILE_HELP)
 
 
+def scopes_argument(text: str) -> tuple[str, ...]:
+    try:
+        return parse_scopes(text)
+    except ValueError as exc:  # argparse prints it with the usage line and exits with 2
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (default: {field.default}; env TUNNELVISION_{name.upper()})"
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description} (default: {default}; env TUNNELVISION_{name.upper()})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(annotation), **kwargs)
+        elif typing.get_origin(annotation) is list:  # repeatable: --pipeline a=X --pipeline b=Y
+            parser.add_argument(flag, action="append", metavar=name.upper(), **kwargs)
         else:
             parser.add_argument(flag, type=_scalar_type(annotation), **kwargs)
 
@@ -158,8 +179,22 @@ def run_up(args: argparse.Namespace) -> int:
 def run_models_random(args: argparse.Namespace) -> int:
     from tunnelvision.models.random import write_random_models
 
+    if args.family is not None:
+        return write_one_family(args)
     detector, segmenter = write_random_models(args.out, args.size, args.seed)
     print(f"wrote {detector} and {segmenter} ({args.size}, random weights)")
+    return 0
+
+
+def write_one_family(args: argparse.Namespace) -> int:
+    from tunnelvision.models.random_families import TorchvisionRequired, write_random_family
+
+    try:
+        folder = write_random_family(args.out, args.family, args.size, args.seed)
+    except TorchvisionRequired as exc:
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {folder} ({args.family}, {args.size}, random weights)")
     return 0
 
 
@@ -175,6 +210,9 @@ def add_predict_command(commands: Any) -> None:
     predict.add_argument("--box-threshold", type=float, default=None)
     predict.add_argument("--text-threshold", type=float, default=None)
     predict.add_argument("--max-detections", type=int, default=None)
+    predict.add_argument(
+        "--model", default=None, help="pipeline name (default: the server's first; see GET /v1/models)"
+    )
     predict.set_defaults(handler=run_predict)
 
 
@@ -189,7 +227,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not jobs:
         print("tunnelvision: no images found", file=sys.stderr)
         return 2
-    options = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections")}
+    options = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections", "model")}
     coco = CocoWriter(args.coco, normalize_prompt(args.prompt))
     with Client(args.url, args.key) as client, Progress(transient=True) as progress:
         predictor = Predictor(
@@ -338,16 +376,20 @@ def key_store(args: argparse.Namespace) -> KeyStore:
 
 def run_keys_add(args: argparse.Namespace) -> int:
     store = key_store(args)
-    key = store.add(args.name)
+    key = store.add(args.name, args.scopes)
     print(key)
-    print(f"Key '{args.name}' added to {store.path}. It is shown only now: store it safely.", file=sys.stderr)
+    print(
+        f"Key '{args.name}' ({','.join(args.scopes)}) added to {store.path}. "
+        "It is shown only now: store it safely.",
+        file=sys.stderr,
+    )
     return 0
 
 
 def run_keys_list(args: argparse.Namespace) -> int:
     entries = key_store(args).entries()
     for entry in entries:
-        print(f"{entry.name}\t{entry.hint}...\t{entry.created}")
+        print(f"{entry.name}\t{entry.hint}...\t{entry.created}\t{','.join(entry.scopes) or '-'}")
     if not entries:
         print("no keys", file=sys.stderr)
     return 0

@@ -234,28 +234,51 @@ class Client(_Base):
         self._http.close()
 
     def detect(
-        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+        self,
+        image: ImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        model: str | None = None,
+        **options: Any,
     ) -> DetectResponse:
-        return self._model(DetectResponse, Call.build("/v1/detect", image, _fields(prompt, **options)))
+        return self._model(
+            DetectResponse, Call.build("/v1/detect", image, _fields(prompt, model=model, **options))
+        )
 
     def segment(
-        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+        self,
+        image: ImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        model: str | None = None,
+        **options: Any,
     ) -> SegmentResponse:
-        """options: boxes, points, image_id, box_threshold, text_threshold, multimask, mask_format..."""
-        return self._model(SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, **options)))
+        """`model`: a pipeline name (`models()`); options: boxes, points, image_id, box_threshold,
+        text_threshold, multimask, mask_format..."""
+        return self._model(
+            SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, model=model, **options))
+        )
 
     def annotate(
-        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+        self,
+        image: ImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        model: str | None = None,
+        **options: Any,
     ) -> bytes:
         """The annotated image file (PNG, or JPEG with format='jpeg')."""
-        return self._send("POST", Call.build("/v1/annotate", image, _fields(prompt, **options))).content
+        return self._send(
+            "POST", Call.build("/v1/annotate", image, _fields(prompt, model=model, **options))
+        ).content
 
     def models(self) -> ModelsResponse:
+        """The pipelines served (names for `model`), their models and abilities."""
         return ModelsResponse.model_validate(self._send("GET", Call("/v1/models", None, {})).json())
 
-    def create_job(self, images: list[ImageInput], prompt: str | list[str], **options: Any) -> JobStatus:
+    def create_job(
+        self, images: list[ImageInput], prompt: str | list[str], model: str | None = None, **options: Any
+    ) -> JobStatus:
         """Many images at background priority; follow with `job`, `wait_job`, `job_result`."""
-        return JobStatus.model_validate(self._send("POST", job_call(images, prompt, options)).json())
+        call = job_call(images, prompt, {"model": model, **options})
+        return JobStatus.model_validate(self._send("POST", call).json())
 
     def job(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate(self._send("GET", Call(f"/v1/jobs/{job_id}", None, {})).json())
@@ -315,30 +338,45 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def detect(
-        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+        self,
+        image: ImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        model: str | None = None,
+        **options: Any,
     ) -> DetectResponse:
-        return await self._model(DetectResponse, Call.build("/v1/detect", image, _fields(prompt, **options)))
+        return await self._model(
+            DetectResponse, Call.build("/v1/detect", image, _fields(prompt, model=model, **options))
+        )
 
     async def segment(
-        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+        self,
+        image: ImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        model: str | None = None,
+        **options: Any,
     ) -> SegmentResponse:
         return await self._model(
-            SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, **options))
+            SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, model=model, **options))
         )
 
     async def annotate(
-        self, image: ImageInput | None = None, prompt: str | list[str] | None = None, **options: Any
+        self,
+        image: ImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        model: str | None = None,
+        **options: Any,
     ) -> bytes:
-        call = Call.build("/v1/annotate", image, _fields(prompt, **options))
+        call = Call.build("/v1/annotate", image, _fields(prompt, model=model, **options))
         return (await self._send("POST", call)).content
 
     async def models(self) -> ModelsResponse:
         return ModelsResponse.model_validate((await self._send("GET", Call("/v1/models", None, {}))).json())
 
     async def create_job(
-        self, images: list[ImageInput], prompt: str | list[str], **options: Any
+        self, images: list[ImageInput], prompt: str | list[str], model: str | None = None, **options: Any
     ) -> JobStatus:
-        return JobStatus.model_validate((await self._send("POST", job_call(images, prompt, options))).json())
+        call = job_call(images, prompt, {"model": model, **options})
+        return JobStatus.model_validate((await self._send("POST", call)).json())
 
     async def job(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +16,31 @@ CLOUDFLARE_READ_TIMEOUT_S = 125.0
 CLOUDFLARED_KEEPALIVE_S = 90
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+GROUNDED_SAM = "grounded-sam"  # the pipeline --detector/--segmenter define
+PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """`NAME=DETECTOR+SEGMENTER` or `NAME=MODEL`; each part a hub id or a local folder."""
+
+    name: str
+    parts: tuple[str, ...]
+
+
+def parse_pipeline(text: str) -> PipelineSpec:
+    name, equals, spec = text.partition("=")
+    name = name.strip()
+    if not equals:
+        raise ValueError(f"'{text}' is not NAME=SPEC, e.g. grounded-sam=DETECTOR+SEGMENTER or sam=MODEL")
+    if not PIPELINE_NAME.fullmatch(name):
+        raise ValueError(f"pipeline name '{name}': use 1-64 letters, digits, '-', '_' or '.'")
+    parts = tuple(part.strip() for part in spec.split("+"))
+    if not 1 <= len(parts) <= 2 or not all(parts):
+        raise ValueError(f"pipeline '{name}': SPEC '{spec}' must be DETECTOR+SEGMENTER or one model")
+    return PipelineSpec(name, parts)
+
+
 AuthPolicy = Literal["auto", "keys", "access", "either", "both"]
 
 
@@ -29,6 +56,14 @@ class Settings(BaseSettings):
     segmenter: str = Field(
         "facebook/sam-vit-base",
         description="SAM: hub id (sam-vit-base, -large, -huge) or local folder",
+    )
+    pipeline: list[str] = Field(
+        default_factory=list,
+        description=(
+            "NAME=SPEC, repeatable (env: a JSON list): SPEC is DETECTOR+SEGMENTER or one model (hub id "
+            "or folder); requests choose one with `model`; the first is the default (grounded-sam, "
+            "from --detector/--segmenter, comes first when those are given or no --pipeline is)"
+        ),
     )
     device: str = Field(
         "auto",
@@ -136,12 +171,42 @@ class Settings(BaseSettings):
         description="peers whose CF-Connecting-IP / X-Forwarded-For are believed (comma-separated)",
     )
     cors_origins: str = Field("", description="browser origins allowed by CORS (comma-separated); none")
+    access_scopes: str = Field(
+        "predict,jobs",
+        pattern=r"^ *(predict|jobs|admin) *(, *(predict|jobs|admin) *)*$",
+        description="what a Cloudflare Access login may call (comma-separated: predict, jobs, admin)",
+    )
 
     @model_validator(mode="after")
     def _access_policy_needs_access_settings(self) -> Settings:
         if self.auth in ("access", "either", "both") and not self.access_configured:
             raise ValueError(f"auth={self.auth} needs access_team_domain and access_aud")
         return self
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipelines_parse(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_pipeline(text)  # raises ValueError with the reason
+        return value
+
+    @model_validator(mode="after")
+    def _pipeline_names_unique(self) -> Settings:
+        names = [spec.name for spec in self.pipelines]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            why = f" ({GROUNDED_SAM} is the --detector/--segmenter pair)" if GROUNDED_SAM in repeated else ""
+            raise ValueError(f"pipeline names must be unique: {', '.join(repeated)} given twice{why}")
+        return self
+
+    @property
+    def pipelines(self) -> list[PipelineSpec]:
+        """Every pipeline to serve, the default first."""
+        given = [parse_pipeline(text) for text in self.pipeline]
+        pair_given = bool({"detector", "segmenter"} & self.model_fields_set)
+        if pair_given or self.demo or not given:
+            return [PipelineSpec(GROUNDED_SAM, (self.detector, self.segmenter)), *given]
+        return given
 
     @property
     def device_list(self) -> list[str]:

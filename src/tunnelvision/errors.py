@@ -104,3 +104,15 @@ class MalformedInput(InvalidInput):
     encrypted or unsafe archive member."""
 
     code = "malformed_input"
+
+
+class UnknownModel(InvalidInput):
+    """A request named a pipeline (`model`) this server does not serve."""
+
+    code = "unknown_model"
+
+
+class UnsupportedPrompt(InvalidInput):
+    """A request asked a pipeline for something it cannot do (text to a segmenter alone...)."""
+
+    code = "unsupported_prompt"

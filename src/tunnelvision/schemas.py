@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -48,6 +49,12 @@ class DetectParams(BaseModel):
     image_id: str | None = Field(
         None, max_length=64, description="instead of the image: the image_id an earlier answer gave"
     )
+    model: str | None = Field(
+        None,
+        max_length=64,
+        description="the pipeline to use (GET /v1/models lists them); default: the server's first",
+        examples=["grounded-sam"],
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -55,8 +62,9 @@ class DetectParams(BaseModel):
         normalize_prompt(value)  # raises ValueError with the reason
         return value
 
-    @property
+    @cached_property
     def phrases(self) -> list[str]:
+        """The prompt's phrases, parsed once per request."""
         return normalize_prompt(self.prompt)
 
 
@@ -213,15 +221,72 @@ class SegmentResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
+Ability = Literal["text", "boxes", "points", "exemplars", "masks"]
+
+
 class ModelInfo(BaseModel):
-    id: str
+    id: str = Field(..., description="the hub id or folder the weights came from")
     device: str
     dtype: str
 
 
+class PipelineModel(ModelInfo):
+    role: Literal["detector", "segmenter", "concept_segmenter"]
+    family: str = Field(..., description="the checkpoint's model_type family, e.g. grounding-dino, sam")
+
+
+class PipelineInfo(BaseModel):
+    name: str = Field(..., description="what requests send as `model`")
+    default: bool = Field(..., description="used when a request names no model")
+    abilities: list[Ability] = Field(
+        ..., description="text, boxes, points, exemplars (prompt kinds it takes) and masks (it segments)"
+    )
+    models: list[PipelineModel]
+
+
 class ModelsResponse(BaseModel):
-    detector: ModelInfo
-    segmenter: ModelInfo
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "pipelines": [
+                        {
+                            "name": "grounded-sam",
+                            "default": True,
+                            "abilities": ["boxes", "masks", "points", "text"],
+                            "models": [
+                                {
+                                    "role": "detector",
+                                    "id": "IDEA-Research/grounding-dino-tiny",
+                                    "family": "grounding-dino",
+                                    "device": "cuda",
+                                    "dtype": "float32",
+                                },
+                                {
+                                    "role": "segmenter",
+                                    "id": "facebook/sam-vit-base",
+                                    "family": "sam",
+                                    "device": "cuda",
+                                    "dtype": "float32",
+                                },
+                            ],
+                        }
+                    ],
+                    "detector": {
+                        "id": "IDEA-Research/grounding-dino-tiny",
+                        "device": "cuda",
+                        "dtype": "float32",
+                    },
+                    "segmenter": {"id": "facebook/sam-vit-base", "device": "cuda", "dtype": "float32"},
+                    "demo": False,
+                }
+            ]
+        }
+    )
+
+    pipelines: list[PipelineInfo] = Field(..., description="every pipeline served; the default first")
+    detector: ModelInfo | None = Field(None, description="the default pipeline's detector (older clients)")
+    segmenter: ModelInfo | None = Field(None, description="the default pipeline's segmenter (older clients)")
     demo: bool
 
 

@@ -35,7 +35,7 @@ def test_every_image_kind_gives_a_typed_result(server: ThreadServer, tmp_path: P
         again = client.segment(image_id=segmented.image_id, boxes=[[0, 0, 10, 10]])
         assert again.image_id == segmented.image_id
         assert Image.open(io.BytesIO(client.annotate(PNG, prompt="cat"))).size == (40, 30)
-        assert client.models().detector.id == "fake-detector"
+        assert client.models().pipelines[0].models[0].id == "fake-detector"
 
 
 def test_server_errors_raise_typed_exceptions_with_the_json_error(server: ThreadServer) -> None:

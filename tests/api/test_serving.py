@@ -161,7 +161,9 @@ def test_readyz_is_503_while_loading_then_200(monkeypatch: pytest.MonkeyPatch) -
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
         loader.release.set()
         wait_for(lambda: httpx.get(f"{srv.url}/readyz").status_code == 200)
-        assert httpx.get(f"{srv.url}/v1/models").json()["detector"]["id"] == "fake-detector"
+        models = httpx.get(f"{srv.url}/v1/models").json()
+        assert models["detector"]["id"] == "fake-detector"
+        assert [(p["name"], p["default"]) for p in models["pipelines"]] == [("grounded-sam", True)]
     finally:
         loader.release.set()
         srv.__exit__()

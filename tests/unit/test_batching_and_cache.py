@@ -53,7 +53,7 @@ def test_images_of_different_sizes_get_different_batch_keys(backend: GroundedSam
 
 
 def test_a_second_prompt_on_the_same_image_reuses_its_embedding(backend: GroundedSam) -> None:
-    backend.embeddings.clear()
+    backend.clear_caches()
     pixels = image(7)
     first_params = SegmentParams(prompt="cat", box_threshold=0.0, max_detections=2)
     first = backend.prepare(pixels, first_params, image_id="img-7")
@@ -70,7 +70,7 @@ def test_a_second_prompt_on_the_same_image_reuses_its_embedding(backend: Grounde
 
 
 def test_without_an_image_id_nothing_is_cached(backend: GroundedSam) -> None:
-    backend.embeddings.clear()
+    backend.clear_caches()
     params = SegmentParams(boxes=[[0, 0, 50, 50]])
     for seed in (1, 2):
         backend.run(backend.prepare(image(seed), params), params)

@@ -93,3 +93,13 @@ def test_a_bad_environment_variable_is_a_message_in_every_command(
     monkeypatch.setenv("TUNNELVISION_PORT", "not-a-port")
     assert main(["keys", "list"]) == 2
     assert "invalid settings" in capsys.readouterr().err
+
+
+def test_models_random_writes_one_family_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "random", str(tmp_path / "sam"), "--family", "sam"]) == 0
+    assert (tmp_path / "sam" / "config.json").is_file() and (tmp_path / "sam" / "model.safetensors").is_file()
+    assert "sam, tiny" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse lists the known families
+        main(["models", "random", str(tmp_path / "x"), "--family", "yolo"])

@@ -11,7 +11,9 @@ import torch
 
 from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
-from tunnelvision.models.grounded_sam import GroundedSam, RawResult, phrase_token_spans
+from tunnelvision.models.grounded_sam import GroundedSam
+from tunnelvision.models.grounding_dino import phrase_token_spans
+from tunnelvision.models.roles import Boxes
 from tunnelvision.schemas import RLE, DetectParams, Segmentation, SegmentParams
 
 
@@ -23,6 +25,12 @@ def backend(tiny_models: tuple[Path, Path]) -> GroundedSam:
 @pytest.fixture
 def image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+
+
+def parts(backend: GroundedSam) -> tuple[Any, Any]:
+    """The detector and segmenter of the backend's one pipeline."""
+    pipeline = backend.pipelines["grounded-sam"]
+    return pipeline.detector, pipeline.segmenter  # type: ignore[attr-defined]
 
 
 def predict(backend: GroundedSam, image: np.ndarray, params: DetectParams) -> list[Any]:
@@ -95,15 +103,16 @@ def test_box_chunks_give_the_same_masks_as_one_call(
 def test_multimask_keeps_the_mask_with_the_best_predicted_iou(
     backend: GroundedSam, image: np.ndarray
 ) -> None:
-    prepared = backend.prepare(image, SegmentParams(boxes=[[0, 0, 80, 80]]))
+    sam = parts(backend)[1]
+    prepared = sam.prepare(image)
     with torch.inference_mode():
-        embeddings = backend.sam.get_image_embeddings(prepared.sam_pixels)
-        boxes = torch.tensor([[[0.0, 0.0, 80.0, 80.0]]]) * torch.tensor(prepared.sam_scale * 2)
-        out = backend.sam(image_embeddings=embeddings, input_boxes=boxes, multimask_output=True)
-        masks, scores = backend._decode(embeddings, True, input_boxes=boxes)
+        embeddings = sam.model.get_image_embeddings(prepared.pixels)
+        boxes = torch.tensor([[[0.0, 0.0, 80.0, 80.0]]]) * torch.tensor(prepared.scale * 2)
+        out = sam.model(image_embeddings=embeddings, input_boxes=boxes, multimask_output=True)
+        masks = sam._decode(embeddings, True, input_boxes=boxes)
     best = int(out.iou_scores[0, 0].argmax())
-    assert torch.equal(masks[0], out.pred_masks[0, 0, best])
-    assert float(scores[0]) == pytest.approx(float(out.iou_scores[0, 0].max()))
+    assert torch.equal(masks.low_res[0], out.pred_masks[0, 0, best])
+    assert float(masks.scores[0]) == pytest.approx(float(out.iou_scores[0, 0].max()))
 
 
 def test_points_give_one_mask_and_its_box(backend: GroundedSam, image: np.ndarray) -> None:
@@ -115,9 +124,10 @@ def test_points_give_one_mask_and_its_box(backend: GroundedSam, image: np.ndarra
 def test_no_detections_means_sam_is_never_called(
     backend: GroundedSam, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    empty = RawResult(torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long), None, None)
-    monkeypatch.setattr(backend, "_detect_batch", lambda items: [empty for _ in items])
-    monkeypatch.setattr(backend.sam, "get_image_embeddings", lambda *a: pytest.fail("SAM was called"))
+    detector, sam = parts(backend)
+    empty = Boxes(torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long))
+    monkeypatch.setattr(detector, "detect_batch", lambda items: [empty for _ in items])
+    monkeypatch.setattr(sam.model, "get_image_embeddings", lambda *a: pytest.fail("SAM was called"))
     assert predict(backend, image, SegmentParams(prompt="cat")) == []
 
 
@@ -129,11 +139,12 @@ def test_out_of_memory_frees_the_caches_and_becomes_a_retryable_error(
     def oom(*args: Any) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(backend, "_run_batch", oom)
-    monkeypatch.setattr("tunnelvision.models.grounded_sam.free_device_memory", lambda: freed.append(1))
+    detector, sam = parts(backend)
+    monkeypatch.setattr(detector, "detect_batch", oom)
+    monkeypatch.setattr("tunnelvision.engine.pipeline.free_device_memory", lambda: freed.append(1))
     params = SegmentParams(prompt="cat")
-    monkeypatch.setattr(backend, "embeddings", ByteLRU(1024))
-    backend.embeddings.put("some image", torch.zeros(4), 16)
+    monkeypatch.setattr(sam, "embeddings", ByteLRU(1024))
+    sam.embeddings.put("some image", torch.zeros(4), 16)
     assert backend.cache_stats()["entries"] == 1
     with pytest.raises(DeviceOutOfMemory) as caught:
         backend.run(backend.prepare(image, params), params)
@@ -148,8 +159,9 @@ def test_a_prompt_longer_than_the_text_encoder_is_refused(backend: GroundedSam, 
 
 
 def test_sdpa_attention_where_the_architecture_has_it(backend: GroundedSam) -> None:
-    assert backend.sam.config._attn_implementation == "sdpa"
-    assert backend.detector.config._attn_implementation == "eager"  # GroundingDINO has no SDPA path
+    detector, sam = parts(backend)
+    assert sam.model.config._attn_implementation == "sdpa"
+    assert detector.model.config._attn_implementation == "eager"  # GroundingDINO has no SDPA path
 
 
 def test_one_replica_per_configured_device(tiny_models: tuple[Path, Path]) -> None:

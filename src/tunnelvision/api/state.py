@@ -15,6 +15,7 @@ from tunnelvision.errors import ModelUnavailable, NotReady, ShuttingDown, Worker
 from tunnelvision.jobs.runner import JobRunner
 from tunnelvision.jobs.store import JobStore
 from tunnelvision.metrics import Metrics
+from tunnelvision.schemas import DetectParams
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,12 @@ class AppState:
         if self.phase == "ready":  # the reason's exception text is for the log, not the client
             raise WorkerUnavailable("not serving: the device worker has stopped; retry after a restart", 30.0)
         raise NotReady(f"not ready: {reason}", 5.0)
+
+    def check_request(self, params: DetectParams) -> None:
+        """The request's pipeline exists and can answer it (checked once the models are known;
+        before that, the engine checks when the work runs)."""
+        if self.engine is not None:
+            self.engine.check_request(params)
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats() if self.engine is not None else {}

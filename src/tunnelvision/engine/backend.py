@@ -5,11 +5,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from tunnelvision.errors import DeadlineExceeded
+from tunnelvision.errors import DeadlineExceeded, UnknownModel, UnsupportedPrompt
 from tunnelvision.imaging import RGBImage
-from tunnelvision.schemas import Detection, DetectParams
+from tunnelvision.schemas import Detection, DetectParams, SegmentParams
+
+# What a pipeline can be asked: text prompts, box or point prompts, exemplar boxes, and masks
+# (a detector alone answers boxes only).
+Ability = Literal["text", "boxes", "points", "exemplars", "masks"]
+ABILITY_WORDS: dict[str, str] = {
+    "text": "text prompts",
+    "boxes": "box prompts",
+    "points": "point prompts",
+    "exemplars": "exemplar boxes",
+    "masks": "masks (/v1/segment, /v1/annotate, jobs)",
+}
+DEFAULT_PIPELINE = "grounded-sam"
 
 # Called by `prepare` and `finish` between units of work: raises DeadlineExceeded once the
 # request's deadline has passed, so CPU work for an answer nobody will get stops early.
@@ -47,11 +59,75 @@ class Deadline:
 
 
 @dataclass(frozen=True)
+class ModelPart:
+    """One model of a pipeline, as /v1/models shows it."""
+
+    role: str  # detector, segmenter, concept_segmenter
+    source: str  # the hub id or folder it was loaded from
+    family: str  # the model_type family serving it
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    name: str
+    abilities: frozenset[Ability]
+    models: tuple[ModelPart, ...]
+
+    def check(self, params: DetectParams) -> None:
+        """UnsupportedPrompt naming what this pipeline can do, if it cannot answer `params`."""
+        missing = [a for a in needed_abilities(params) if a not in self.abilities]
+        if missing:
+            can = ", ".join(ABILITY_WORDS[a] for a in sorted(self.abilities)) or "nothing"
+            raise UnsupportedPrompt(
+                f"model '{self.name}' cannot take {' or '.join(ABILITY_WORDS[a] for a in missing)}; "
+                f"it takes: {can}"
+            )
+
+
+def needed_abilities(params: DetectParams) -> list[Ability]:
+    needs: list[Ability] = []
+    if params.phrases:
+        needs.append("text")
+    if isinstance(params, SegmentParams):
+        needs += ["boxes"] if params.boxes else []
+        needs += ["points"] if params.points else []
+        needs.append("masks")
+    return needs
+
+
+@dataclass(frozen=True)
 class BackendInfo:
+    """What one device serves. `pipelines` empty: one Grounded-SAM pipeline named after
+    `detector` and `segmenter` (test and simulated backends describe themselves that way)."""
+
     detector: str
     segmenter: str
     device: str
     dtype: str
+    pipelines: tuple[PipelineSummary, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.pipelines:
+            parts = (
+                ModelPart("detector", self.detector, self.detector, self.device, self.dtype),
+                ModelPart("segmenter", self.segmenter, self.segmenter, self.device, self.dtype),
+            )
+            abilities: frozenset[Ability] = frozenset({"text", "boxes", "points", "masks"})
+            object.__setattr__(self, "pipelines", (PipelineSummary(DEFAULT_PIPELINE, abilities, parts),))
+
+    @property
+    def default(self) -> str:
+        return self.pipelines[0].name
+
+    def pipeline(self, name: str | None) -> PipelineSummary:
+        """The pipeline a request names (`model`; None: the default), or UnknownModel."""
+        for pipeline in self.pipelines:
+            if name is None or pipeline.name == name:
+                return pipeline
+        known = ", ".join(p.name for p in self.pipelines)
+        raise UnknownModel(f"no model '{name}' here; this server serves: {known}")
 
 
 class Backend(Protocol):

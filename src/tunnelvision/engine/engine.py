@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tunnelvision.drawing import annotate
-from tunnelvision.engine.backend import Backend, BackendInfo, Deadline, is_device_lost
+from tunnelvision.engine.backend import Backend, BackendInfo, Deadline, PipelineSummary, is_device_lost
 from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, FailureObserver, Scheduler
 from tunnelvision.errors import InvalidInput, NotFound, RequestTooCostly
@@ -188,17 +188,28 @@ class Engine:
         picture = await self._on_cpu(draw, outcome.deadline)
         return Annotation(picture, f"image/{params.format}", outcome.image_id, len(outcome.detections))
 
+    @property
+    def devices(self) -> list[str]:
+        return [backend.info.device for backend in self.backends]
+
+    def check_request(self, params: DetectParams) -> None:
+        """UnknownModel or UnsupportedPrompt, before any work: the pipeline exists and can do it."""
+        self.info.pipeline(params.model).check(params)
+
     async def warmup(self) -> None:
-        """One pass through decode, both models and mask encoding, so the first user isn't slow."""
+        """One pass through decode, every model and mask encoding, so the first user isn't slow."""
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
-        params = SegmentParams(prompt="object", box_threshold=0.0, max_detections=1)
-        await self._process_decoded(image, "", params, Deadline.after(self.config.deadline_s))
+        for pipeline in self.info.pipelines:
+            params = warmup_params(pipeline)
+            if params is not None:
+                await self._process_decoded(image, "", params, Deadline.after(self.config.deadline_s))
 
     async def _process(
         self, data: bytes | None, params: DetectParams, owner: str, priority: int = INTERACTIVE
     ) -> _Outcome:
         started = time.monotonic()
         deadline = Deadline.after(self.config.deadline_s, started)
+        self.check_request(params)
         if data is None:
             image, image_id = self._cached_image(owner, params.image_id or "")
         else:
@@ -265,6 +276,18 @@ class Engine:
             return await asyncio.wait_for(work, timeout=deadline.remaining())
         except TimeoutError:
             raise deadline.exceeded() from None
+
+
+def warmup_params(pipeline: PipelineSummary) -> DetectParams | None:
+    """A request that runs every model of the pipeline once (None: nothing to warm up)."""
+    text = {"prompt": "object", "box_threshold": 0.0, "max_detections": 1, "model": pipeline.name}
+    if {"text", "masks"} <= pipeline.abilities:
+        return SegmentParams(**text)
+    if "masks" in pipeline.abilities and "boxes" in pipeline.abilities:
+        return SegmentParams(boxes=[[0, 0, 64, 64]], model=pipeline.name)
+    if "text" in pipeline.abilities:
+        return DetectParams(**text)
+    return None
 
 
 def run_timed_batch(backend: Backend, items: list[tuple[Any, DetectParams]]) -> list[Any]:

@@ -1,4 +1,9 @@
-"""Settings -> model replicas. `--demo` swaps in tiny random checkpoints written once."""
+"""Settings -> one DeviceBackend per device, holding every configured pipeline.
+
+Each model's family is read from its checkpoint's config before any weights load, so a wrong
+spec fails in seconds. A model used by several pipelines of one device is loaded once.
+`--demo` swaps in tiny random checkpoints (written once) for the grounded-sam pipeline.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,23 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunnelvision import __version__
-from tunnelvision.config import Settings
-from tunnelvision.engine.backend import Backend
-from tunnelvision.models.grounded_sam import GroundedSam
+from tunnelvision.config import GROUNDED_SAM, PipelineSpec, Settings
+from tunnelvision.engine.backend import Backend, ModelPart
+from tunnelvision.engine.pipeline import ComposedPipeline, DeviceBackend, Pipeline
+from tunnelvision.errors import ModelUnavailable
+from tunnelvision.models.loading import (
+    LoadOptions,
+    ModelSource,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
+from tunnelvision.models.registry import family_class, model_type_of
 from tunnelvision.models.simulated import SimulatedBackend
 
 log = logging.getLogger(__name__)
@@ -22,30 +38,94 @@ DEMO_WARNING = (
 )
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A pipeline part, resolved: where from, its model_type and the class serving it."""
+
+    source: ModelSource
+    model_type: str
+    cls: Any
+
+    @property
+    def role(self) -> str:
+        return str(self.cls.role)
+
+
 def build_backends(settings: Settings) -> list[Backend]:
     if settings.backend == "simulated":
         log.warning("SIMULATED device: sleeps instead of models; for benchmarks only")
         return [SimulatedBackend(settings.simulated_batch_ms, settings.simulated_item_ms)]
     _quiet_transformers()
-    detector, segmenter = settings.detector, settings.segmenter
-    if settings.demo:
-        log.warning(DEMO_WARNING)
-        folder = demo_models_folder()
-        detector, segmenter = str(folder / "detector"), str(folder / "segmenter")
-    # One model copy and one device worker per device; the scheduler feeds whichever is free.
-    return [
-        GroundedSam(
-            detector,
-            segmenter,
-            device,
-            settings.dtype,
-            settings.sam_chunk_size,
-            settings.cache_bytes,
-            settings.attention,
-            settings.compile,
-        )
-        for device in settings.device_list
+    specs = served_pipelines(settings)
+    resolved = [
+        (spec, [resolve_checkpoint(part, flag_for(spec, i)) for i, part in enumerate(spec.parts)])
+        for spec in specs
     ]
+    for spec, parts in resolved:
+        check_roles(spec.name, parts)
+    options = LoadOptions(settings.attention, settings.compile, settings.sam_chunk_size, settings.cache_bytes)
+    # One copy of each model per device, and one device worker each; the scheduler feeds whichever is free.
+    return [
+        build_device_backend(resolved, device, settings.dtype, options) for device in settings.device_list
+    ]
+
+
+def served_pipelines(settings: Settings) -> list[PipelineSpec]:
+    specs = settings.pipelines
+    if not settings.demo:
+        return specs
+    log.warning(DEMO_WARNING)
+    folder = demo_models_folder()
+    demo = PipelineSpec(GROUNDED_SAM, (str(folder / "detector"), str(folder / "segmenter")))
+    return [demo if spec.name == GROUNDED_SAM else spec for spec in specs]
+
+
+def flag_for(spec: PipelineSpec, index: int) -> str:
+    """The flag that gave this part, for messages: --detector/--segmenter, or --pipeline."""
+    return ("detector", "segmenter")[index] if spec.name == GROUNDED_SAM else "pipeline"
+
+
+def resolve_checkpoint(part: str, flag: str) -> Checkpoint:
+    source = resolve_source(part, flag)
+    model_type = model_type_of(source)
+    return Checkpoint(source, model_type, family_class(model_type, part))
+
+
+def check_roles(name: str, parts: list[Checkpoint]) -> None:
+    """DETECTOR+SEGMENTER in that order, or one model of any role a pipeline can run alone."""
+    roles = [p.role for p in parts]
+    if len(parts) == 2 and roles != ["detector", "segmenter"]:
+        described = " + ".join(f"'{p.source.source}' ({p.model_type}, a {p.role})" for p in parts)
+        raise ModelUnavailable(f"pipeline '{name}': {described}; a pair must be DETECTOR+SEGMENTER")
+    if len(parts) == 1 and roles[0] not in ("detector", "segmenter"):
+        raise ModelUnavailable(f"pipeline '{name}': no pipeline runs a {roles[0]} yet")
+
+
+def build_device_backend(
+    resolved: list[tuple[PipelineSpec, list[Checkpoint]]],
+    device_name: str,
+    dtype_name: str,
+    options: LoadOptions,
+) -> DeviceBackend:
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    loaded: dict[str, Any] = {}  # location -> the model on this device
+
+    def load(part: Checkpoint) -> Any:
+        if part.source.location not in loaded:
+            log.info("loading %s '%s' (%s) on %s", part.role, part.source.source, part.model_type, device)
+            loaded[part.source.location] = part.cls(part.source, device, dtype, options)
+        return loaded[part.source.location]
+
+    pipelines: list[Pipeline] = []
+    for spec, parts in resolved:
+        models = {part.role: load(part) for part in parts}
+        cards = tuple(
+            ModelPart(part.role, part.source.source, part.model_type, str(device), dtype_name)
+            for part in parts
+        )
+        pipelines.append(ComposedPipeline(spec.name, models.get("detector"), models.get("segmenter"), cards))
+    return DeviceBackend(pipelines, str(device), dtype_name)
 
 
 def demo_models_folder() -> Path:

@@ -123,3 +123,29 @@ def _unavailable_message(source: str, role: str, reason: str) -> str:
         f"download it where the hub is reachable (`hf download {source}`) and copy the cache "
         "folder here (or set HF_HOME), or try `tunnelvision serve --demo` (random weights)."
     )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How every family is loaded and run; each family uses the fields that concern it."""
+
+    attention: str = "sdpa"
+    compile_encoder: bool = False  # torch.compile the image encoder (fixed input size: one compile)
+    sam_chunk_size: int = 64  # boxes decoded in one call
+    cache_bytes: int = 0  # image embeddings kept per segmenter copy
+
+
+def to_device(model: T, device: torch.device, dtype: torch.dtype) -> T:
+    return model.to(device=device, dtype=dtype).eval()  # type: ignore[attr-defined, no-any-return]
+
+
+def memory_allocated(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -11,7 +11,8 @@ from tunnelvision.api.deps import DOCUMENTED_AUTH, PrincipalDep, StateDep
 from tunnelvision.api.errors import request_id
 from tunnelvision.api.openapi import error_responses
 from tunnelvision.api.state import AppState
-from tunnelvision.schemas import ErrorResponse, ModelInfo, ModelsResponse
+from tunnelvision.engine.backend import PipelineSummary
+from tunnelvision.schemas import ErrorResponse, ModelInfo, ModelsResponse, PipelineInfo, PipelineModel
 
 router = APIRouter(tags=["health"])
 
@@ -78,14 +79,47 @@ def readiness_detail(request: Request, state: AppState, reason: str | None) -> d
 @router.get(
     "/v1/models",
     response_model=ModelsResponse,
-    summary="The models being served",
+    summary="The pipelines being served: their models, devices, dtypes and abilities",
+    description=(
+        "Requests choose a pipeline by its name in `model`; the one marked `default` serves the "
+        "others. `abilities` says what each takes (text, boxes, points, exemplars) and whether it "
+        "makes masks. `detector` and `segmenter` repeat the default pipeline's, for older clients."
+    ),
     dependencies=DOCUMENTED_AUTH,
     responses=error_responses(503),
 )
 async def models(state: StateDep) -> ModelsResponse:
-    info = state.ready_engine().info
+    engine = state.ready_engine()
+    devices = ",".join(dict.fromkeys(engine.devices))  # one copy of every model on each device
+    pipelines = [
+        pipeline_info(pipeline, index == 0, devices if len(engine.devices) > 1 else None)
+        for index, pipeline in enumerate(engine.info.pipelines)
+    ]
+    default = pipelines[0].models
     return ModelsResponse(
-        detector=ModelInfo(id=info.detector, device=info.device, dtype=info.dtype),
-        segmenter=ModelInfo(id=info.segmenter, device=info.device, dtype=info.dtype),
+        pipelines=pipelines,
+        detector=_legacy(default, "detector"),
+        segmenter=_legacy(default, "segmenter"),
         demo=state.settings.demo,
     )
+
+
+def pipeline_info(pipeline: PipelineSummary, default: bool, devices: str | None) -> PipelineInfo:
+    models = [
+        PipelineModel(
+            role=part.role,
+            id=part.source,
+            family=part.family,
+            device=devices or part.device,
+            dtype=part.dtype,
+        )
+        for part in pipeline.models
+    ]
+    return PipelineInfo(
+        name=pipeline.name, default=default, abilities=sorted(pipeline.abilities), models=models
+    )
+
+
+def _legacy(models: list[PipelineModel], role: str) -> ModelInfo | None:
+    part = next((m for m in models if m.role == role), None)
+    return None if part is None else ModelInfo(id=part.id, device=part.device, dtype=part.dtype)

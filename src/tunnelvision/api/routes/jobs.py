@@ -19,7 +19,7 @@ from tunnelvision.jobs.store import ACTIVE, JobRow, JobStore
 from tunnelvision.schemas import JobImageError, JobStatus, SegmentParams, SegmentResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=DOCUMENTED_AUTH)
-JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_detections", "multimask")
+JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_detections", "multimask", "model")
 LISTED_ERRORS = 100  # failed images named in a job's status
 
 
@@ -45,6 +45,7 @@ async def create_job(
     params = validate_params(SegmentParams, fields)
     if not params.phrases:
         raise InvalidInput("a job needs a text prompt: its phrases become the COCO categories")
+    state.check_request(params)  # an unknown model, or one that cannot segment text, fails now
     options = params.model_dump(include=set(JOB_OPTIONS))
     job_id = await run_in_threadpool(
         state.jobs.create,

@@ -97,7 +97,7 @@ async def json_response(model: BaseModel) -> Response:
 
 add_prediction_route(
     "/detect",
-    "Boxes for the phrases of a text prompt (GroundingDINO)",
+    "Boxes for the phrases of a text prompt (the pipeline's detector)",
     DetectRequestParams,
     DetectJSONRequest,
     DetectResponse,
@@ -106,7 +106,7 @@ add_prediction_route(
 )
 add_prediction_route(
     "/segment",
-    "Masks from a text prompt (GroundingDINO + SAM), from boxes or from points (SAM)",
+    "Masks from a text prompt (detector + segmenter), from boxes or from points (segmenter)",
     SegmentParams,
     SegmentJSONRequest,
     SegmentResponse,

@@ -1,0 +1,130 @@
+"""SAM segmenters: boxes or points -> masks, the image embedding cached by the image's id."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from transformers import AutoProcessor, SamModel
+
+from tunnelvision.engine.backend import Check, no_deadline
+from tunnelvision.engine.cache import ByteLRU
+from tunnelvision.imaging import RGBImage
+from tunnelvision.models.loading import (
+    LoadOptions,
+    ModelSource,
+    load_model,
+    load_pretrained,
+    memory_allocated,
+    processor_kwargs,
+    to_device,
+)
+from tunnelvision.models.roles import BoolMask, Masks, Role, SegmentPrompt
+
+
+@dataclass
+class SamInputs:
+    height: int
+    width: int
+    pixels: torch.Tensor  # resized and padded to SAM's square
+    scale: tuple[float, float]  # original -> SAM input coordinates (x, y)
+    image_id: str = ""  # the sender's id for the image: the embedding cache's key ("": not cached)
+
+
+class Sam:
+    role: ClassVar[Role] = "segmenter"
+    family: ClassVar[str] = "sam"
+
+    def __init__(
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype, options: LoadOptions
+    ) -> None:
+        self.source, self.device, self.dtype = source.source, device, dtype
+        self.chunk_size = options.sam_chunk_size
+        self.embeddings: ByteLRU[torch.Tensor] = ByteLRU(options.cache_bytes)
+        self.processor = load_pretrained(
+            AutoProcessor.from_pretrained, source, "segmenter", **processor_kwargs()
+        )
+        self.model = to_device(
+            load_model(SamModel.from_pretrained, source, "segmenter", options.attention), device, dtype
+        )
+        if options.compile_encoder:  # fixed input size (the padded square), so one compilation serves all
+            self.model.vision_encoder = torch.compile(self.model.vision_encoder)
+
+    # -- CPU -------------------------------------------------------------------------------
+
+    def prepare(self, image: RGBImage, image_id: str = "", check: Check = no_deadline) -> SamInputs:
+        height, width = image.shape[:2]
+        inputs = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")
+        new_h, new_w = (int(v) for v in inputs["reshaped_input_sizes"][0])
+        return SamInputs(height, width, inputs["pixel_values"], (new_w / width, new_h / height), image_id)
+
+    def upscale(self, low_res: torch.Tensor, prepared: SamInputs) -> BoolMask:
+        reshaped = [[round(prepared.height * prepared.scale[1]), round(prepared.width * prepared.scale[0])]]
+        masks = self.processor.post_process_masks(
+            [low_res[None, None]], [[prepared.height, prepared.width]], reshaped
+        )
+        mask: BoolMask = masks[0][0, 0].numpy()
+        return mask
+
+    # -- device ----------------------------------------------------------------------------
+
+    def batch_key(self, prepared: SamInputs) -> Hashable:
+        """Every image is resized and padded to one square, so all of them batch exactly."""
+        return tuple(prepared.pixels.shape)
+
+    def segment_batch(self, items: list[tuple[SamInputs, SegmentPrompt]]) -> list[Masks]:
+        embeddings = self._embeddings([prepared for prepared, _ in items])
+        return [
+            self._segment(embedding, prepared, prompt)
+            for embedding, (prepared, prompt) in zip(embeddings, items, strict=True)
+        ]
+
+    def _embeddings(self, prepared: list[SamInputs]) -> list[torch.Tensor]:
+        """Image embeddings from the cache, the misses encoded together in one batch."""
+        found = [self.embeddings.get(self._embedding_key(p)) if p.image_id else None for p in prepared]
+        missing = [i for i, embedding in enumerate(found) if embedding is None]
+        if missing:
+            pixels = torch.cat([prepared[i].pixels for i in missing])
+            encoded = self.model.get_image_embeddings(pixels.to(self.device, self.dtype))
+            for i, embedding in zip(missing, encoded, strict=True):
+                embedding = embedding[None].clone()
+                found[i] = embedding
+                if prepared[i].image_id:
+                    size = embedding.numel() * embedding.element_size()
+                    self.embeddings.put(self._embedding_key(prepared[i]), embedding, size)
+        return [e for e in found if e is not None]
+
+    def _embedding_key(self, prepared: SamInputs) -> Hashable:
+        return (prepared.image_id, self.source, str(self.dtype), tuple(prepared.pixels.shape))
+
+    def _segment(self, embeddings: torch.Tensor, prepared: SamInputs, prompt: SegmentPrompt) -> Masks:
+        scale = torch.tensor(prepared.scale * 2)
+        if prompt.points is not None:
+            assert prompt.point_labels is not None
+            points = (prompt.points * scale[:2])[None, None].to(self.device)
+            labels = prompt.point_labels[None, None].to(self.device)
+            return self._decode(embeddings, prompt.multimask, input_points=points, input_labels=labels)
+        assert prompt.boxes is not None
+        chunks = [
+            self._decode(embeddings, prompt.multimask, input_boxes=(chunk * scale)[None].to(self.device))
+            for chunk in prompt.boxes.split(self.chunk_size)
+        ]
+        return Masks(torch.cat([c.low_res for c in chunks]), torch.cat([c.scores for c in chunks]))
+
+    def _decode(self, embeddings: torch.Tensor, multimask: bool, **prompts: torch.Tensor) -> Masks:
+        out = self.model(image_embeddings=embeddings, multimask_output=multimask, **prompts)
+        masks, ious = out.pred_masks[0].float(), out.iou_scores[0].float()  # (n, k, h, w), (n, k)
+        best = ious.argmax(dim=1)
+        rows = torch.arange(masks.shape[0], device=masks.device)
+        return Masks(masks[rows, best].cpu(), ious[rows, best].cpu())
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.embeddings.stats()
+
+    def clear_cache(self) -> None:
+        self.embeddings.clear()
+
+    def memory_allocated(self) -> int | None:
+        return memory_allocated(self.device)
