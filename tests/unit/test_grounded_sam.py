@@ -100,6 +100,25 @@ def test_box_chunks_give_the_same_masks_as_one_call(
     assert [r.box for r in a] == [[float(v) for v in box] for box in boxes]
 
 
+def test_masks_upscaled_on_the_device_equal_masks_upscaled_in_the_finish_step(
+    tiny_models: tuple[Path, Path], image: np.ndarray
+) -> None:
+    """The GPU path (all masks upscaled where the model runs, in chunks) gives the very masks the
+    CPU path gives one at a time; forced here on the CPU, which is the device too."""
+    boxes = [[0, 0, 50, 50], [10, 10, 100, 80], [30, 5, 160, 120]] * 7  # more than one chunk
+    params = SegmentParams(boxes=boxes, mask_format="rle")
+    on_device = GroundedSam(str(tiny_models[0]), str(tiny_models[1]), device="cpu")
+    _, segmenter = parts(on_device)
+    segmenter.upscale_on_device = True
+    in_finish = GroundedSam(str(tiny_models[0]), str(tiny_models[1]), device="cpu")
+    assert parts(in_finish)[1].upscale_on_device is False  # the CPU default
+    prepared = on_device.prepare(image, params)
+    raw = on_device.run(prepared, params)
+    assert raw.masks.full is not None and raw.masks.full.shape == (21, 120, 160)
+    a, b = on_device.finish(raw, params, prepared), predict(in_finish, image, params)
+    assert [r.mask.counts for r in a] == [r.mask.counts for r in b]
+
+
 def test_multimask_keeps_the_mask_with_the_best_predicted_iou(
     backend: GroundedSam, image: np.ndarray
 ) -> None:

@@ -39,9 +39,10 @@ def segmentations(
     count = len(found.masks.scores)
     labels = _labels(found, phrases, count)
     results: list[Segmentation] = []
+    full = found.masks.full
     for i in range(count):
-        check()  # each mask is upscaled to full size and encoded: the costly part
-        mask = upscale(i)  # one at a time: full-size masks add up fast
+        check()  # each mask is encoded (and upscaled, unless the device did it): the costly part
+        mask = full[i].numpy() if full is not None else upscale(i)
         results.append(
             Segmentation(
                 label=labels[i],

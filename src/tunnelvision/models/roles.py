@@ -37,6 +37,9 @@ class Masks:
 
     low_res: torch.Tensor  # (n, h, w) logits in the segmenter's own frame
     scores: torch.Tensor  # (n,) the segmenter's predicted IoU
+    # (n, height, width) bool at the original size, when the segmenter upscaled on the device
+    # (then the CPU only encodes); None: the engine calls `upscale` per mask in the finish step.
+    full: torch.Tensor | None = None
 
 
 @dataclass

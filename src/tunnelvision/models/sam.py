@@ -33,6 +33,10 @@ class SamInputs:
     image_id: str = ""  # the sender's id for the image: the embedding cache's key ("": not cached)
 
 
+# Masks upscaled in one call: each makes a float copy at the padded square and at full size.
+MASKS_PER_UPSCALE = 16
+
+
 class Sam:
     role: ClassVar[Role] = "segmenter"
     family: ClassVar[str] = "sam"
@@ -42,6 +46,7 @@ class Sam:
     ) -> None:
         self.source, self.device, self.dtype = source.source, device, dtype
         self.chunk_size = options.sam_chunk_size
+        self.upscale_on_device = device.type != "cpu"
         self.embeddings: ByteLRU[torch.Tensor] = ByteLRU(options.cache_bytes)
         self.processor = load_pretrained(
             AutoProcessor.from_pretrained, source, "segmenter", **processor_kwargs()
@@ -61,12 +66,22 @@ class Sam:
         return SamInputs(height, width, inputs["pixel_values"], (new_w / width, new_h / height), image_id)
 
     def upscale(self, low_res: torch.Tensor, prepared: SamInputs) -> BoolMask:
-        reshaped = [[round(prepared.height * prepared.scale[1]), round(prepared.width * prepared.scale[0])]]
-        masks = self.processor.post_process_masks(
-            [low_res[None, None]], [[prepared.height, prepared.width]], reshaped
-        )
-        mask: BoolMask = masks[0][0, 0].numpy()
+        mask: BoolMask = self.full_masks(low_res[None], prepared)[0].numpy()
         return mask
+
+    def full_masks(self, low_res: torch.Tensor, prepared: SamInputs) -> torch.Tensor:
+        """(n, h, w) logits -> (n, height, width) bool masks of the original image, on the CPU.
+        The processor's own upscaling, run where `low_res` lives (the device), many masks per
+        call; chunks bound the float copies it makes at full size."""
+        reshaped = [[round(prepared.height * prepared.scale[1]), round(prepared.width * prepared.scale[0])]]
+        original = [[prepared.height, prepared.width]]
+        chunks = [
+            self.processor.post_process_masks([chunk[:, None]], original, reshaped)[0][:, 0].cpu()
+            for chunk in low_res.split(MASKS_PER_UPSCALE)
+        ]
+        if not chunks:
+            return torch.zeros((0, prepared.height, prepared.width), dtype=torch.bool)
+        return torch.cat(chunks)
 
     # -- device ----------------------------------------------------------------------------
 
@@ -75,11 +90,17 @@ class Sam:
         return tuple(prepared.pixels.shape)
 
     def segment_batch(self, items: list[tuple[SamInputs, SegmentPrompt]]) -> list[Masks]:
+        """On a GPU the masks are upscaled and thresholded there, many at once, and only the final
+        bool masks cross to the CPU. On the CPU that would only move the same work into the
+        device worker, out of reach of the request's deadline (and it measured slower than one
+        mask at a time), so the finish step upscales them one by one instead."""
         embeddings = self._embeddings([prepared for prepared, _ in items])
-        return [
-            self._segment(embedding, prepared, prompt)
-            for embedding, (prepared, prompt) in zip(embeddings, items, strict=True)
-        ]
+        answers = []
+        for embedding, (prepared, prompt) in zip(embeddings, items, strict=True):
+            masks = self._segment(embedding, prepared, prompt)
+            full = self.full_masks(masks.low_res, prepared) if self.upscale_on_device else None
+            answers.append(Masks(masks.low_res.cpu(), masks.scores.cpu(), full))
+        return answers
 
     def _embeddings(self, prepared: list[SamInputs]) -> list[torch.Tensor]:
         """Image embeddings from the cache, the misses encoded together in one batch."""
@@ -118,7 +139,7 @@ class Sam:
         masks, ious = out.pred_masks[0].float(), out.iou_scores[0].float()  # (n, k, h, w), (n, k)
         best = ious.argmax(dim=1)
         rows = torch.arange(masks.shape[0], device=masks.device)
-        return Masks(masks[rows, best].cpu(), ious[rows, best].cpu())
+        return Masks(masks[rows, best], ious[rows, best])  # still on the device
 
     def cache_stats(self) -> dict[str, int]:
         return self.embeddings.stats()
