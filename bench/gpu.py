@@ -1,9 +1,12 @@
 """GPU benchmark: transformers eager float32, one image at a time, vs tunnelvision's path (half
-precision, SDPA, batching across requests, optionally torch.compile), on the same full-size
-random-weight GroundingDINO-T + SAM (ViT-B and ViT-H) at 1024 px, in one run.
+precision, SDPA, batching across requests, optionally torch.compile), for every model family's
+pipeline on full-size random weights at 1024 px, in one run: GroundingDINO-T + SAM (ViT-B and
+ViT-H), MM-Grounding-DINO + SAM, OWLv2 + SAM 2.1, SAM 3. Pipelines are built by the same
+`--pipeline NAME=SPEC` code users run.
 
     python bench/gpu.py                          # on the GPU (cuda)
     python bench/gpu.py --compile                # also torch.compile SAM's image encoder
+    python bench/gpu.py --dtype bfloat16 --pipelines sam3
     python bench/gpu.py --smoke                  # tiny models on the CPU: checks this script only
 
 Compute does not depend on weight values, so random weights cost what real ones cost.
@@ -20,16 +23,29 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tunnelvision.config import Settings
 from tunnelvision.engine.engine import Engine, EngineConfig
-from tunnelvision.models.grounded_sam import GroundedSam
-from tunnelvision.models.random import Size, write_random_detector, write_random_segmenter
+from tunnelvision.models.factory import build_backends
+from tunnelvision.models.random import Size, write_random_segmenter
+from tunnelvision.models.random_families import write_random_family
+from tunnelvision.models.registry import FAMILIES
 from tunnelvision.schemas import SegmentParams
+
+# What is measured: each a pipeline of random-weight checkpoints (families as `models random --family`
+# writes them), asked for text-prompted masks. SAM's encoder size is chosen with --encoders.
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "grounded-sam": ("grounding-dino", "sam"),
+    "mm-grounding-dino-sam": ("mm-grounding-dino", "sam"),
+    "owlv2-sam2.1": ("owlv2", "sam2"),
+    "sam3": ("sam3",),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,7 @@ def image_bytes(side: int) -> bytes:
     return buffer.getvalue()
 
 
-async def measure(backend: GroundedSam, path: Path_, image: bytes, requests: int) -> tuple[float, float]:
+async def measure(backend: Any, path: Path_, image: bytes, requests: int) -> tuple[float, float]:
     """Images per second and p50 latency (s) for `requests` segment calls, `concurrency` at a time."""
     params = SegmentParams(prompt="cat . dog", box_threshold=0.3, max_detections=10, mask_format="none")
     config = EngineConfig(max_queue=256, max_batch=path.max_batch, batch_wait_ms=5, image_cache_bytes=0)
@@ -73,6 +89,34 @@ async def measure(backend: GroundedSam, path: Path_, image: bytes, requests: int
     return requests / elapsed, statistics.median(latencies)
 
 
+def write_parts(folder: Path, families: tuple[str, ...], size: Size, encoder: str) -> list[Path]:
+    """One random checkpoint per family; SAM with the chosen encoder."""
+    parts = []
+    for family in families:
+        target = folder / (f"sam-{encoder}" if family == "sam" else family)
+        if not (target / "config.json").is_file():
+            if family == "sam":
+                write_random_segmenter(target, size, encoder)
+            else:
+                write_random_family(target, family, size, 0)
+        parts.append(target)
+    return parts
+
+
+def backend_for(name: str, parts: list[Path], device: str, path: Path_) -> Any:
+    """The device backend users get from `--pipeline NAME=A+B` with these settings."""
+    settings = Settings(
+        pipeline=[f"{name}={'+'.join(str(p) for p in parts)}"],
+        device=device,
+        dtype=path.dtype,
+        attention=path.attention,
+        compile=path.compile_encoder,
+        cache_bytes=0,
+        warmup=False,
+    )
+    return build_backends(settings)[0]
+
+
 def run(args: argparse.Namespace) -> None:
     device = "cpu" if args.smoke else args.device
     size: Size = "tiny" if args.smoke else "full"
@@ -89,28 +133,28 @@ def run(args: argparse.Namespace) -> None:
         ),
     ]
     image = image_bytes(128 if args.smoke else 1024)
-    print("| SAM encoder | path | images/s | p50 ms | speed-up |\n|---|---|---|---|---|")
+    print("| pipeline | SAM encoder | path | images/s | p50 ms | speed-up |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        detector = Path(folder) / "detector"
-        write_random_detector(detector, size)
-        for encoder in ["vit-b"] if args.smoke else args.encoders:
-            segmenter = Path(folder) / f"sam-{encoder}"
-            write_random_segmenter(segmenter, size, encoder)
-            baseline = 0.0
-            for path in paths:
-                backend = GroundedSam(
-                    str(detector),
-                    str(segmenter),
-                    device,
-                    path.dtype,
-                    cache_bytes=0,
-                    attention=path.attention,
-                    compile_encoder=path.compile_encoder,
-                )
-                rate, p50 = asyncio.run(measure(backend, path, image, args.requests))
-                baseline = baseline or rate
-                print(f"| {encoder} | {path.name} | {rate:.2f} | {p50 * 1000:.0f} | {rate / baseline:.2f}x |")
-                del backend
+        for name in args.pipelines:
+            families = PIPELINES[name]
+            missing = [f for f in families if f not in FAMILIES]
+            if missing:
+                print(f"| {name} | - | not served by this build ({', '.join(missing)}) | - | - | - |")
+                continue
+            encoders = ["vit-b"] if args.smoke or "sam" not in families else args.encoders
+            for encoder in encoders:
+                parts = write_parts(Path(folder), families, size, encoder)
+                baseline = 0.0
+                for path in paths:
+                    backend = backend_for(name, parts, device, path)
+                    rate, p50 = asyncio.run(measure(backend, path, image, args.requests))
+                    baseline = baseline or rate
+                    shown = encoder if "sam" in families else "-"
+                    print(
+                        f"| {name} | {shown} | {path.name} | {rate:.2f} | {p50 * 1000:.0f} "
+                        f"| {rate / baseline:.2f}x |"
+                    )
+                    del backend
     print(f"\ndevice: {describe(device)}")
 
 
@@ -134,6 +178,9 @@ def main() -> None:
         "--encoders", nargs="+", default=["vit-b", "vit-h"], choices=["vit-b", "vit-l", "vit-h"]
     )
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument(
+        "--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES), help="what to measure"
+    )
     run(parser.parse_args())
 
 
