@@ -2,6 +2,7 @@
 
     python bench/finish.py                   # 20 boxes on a 1920x1080 image, SAM ViT-B (random)
     python bench/finish.py --masks 50 --repeats 10
+    python bench/finish.py --device cuda     # masks upscaled on the GPU
 
 Serves a tiny detector with a full-size random-weight SAM ViT-B through `tunnelvision serve`
 (the path users run), sends one image once, then asks for `--masks` box prompts on it by
@@ -76,7 +77,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     detector, segmenter = write_models(Path(tempfile.mkdtemp(prefix="bench-finish-")))
-    command = ours("--detector", str(detector), "--segmenter", str(segmenter), "--device", "cpu")
+    command = ours("--detector", str(detector), "--segmenter", str(segmenter), "--device", args.device)
     command += ["--no-warmup", "--cpu-threads", str(args.cpu_threads), "--deadline-s", "120"]
     image = photo(args.width, args.height)
     prompt_boxes = boxes(args.masks, args.width, args.height)
@@ -93,7 +94,9 @@ def main() -> int:
         for fmt in FORMATS:
             times = stage_times(url, image_id, {"boxes": prompt_boxes, "mask_format": fmt}, args.repeats)
             rows.append((fmt, times))
-    print(f"{args.masks} masks on a {args.width}x{args.height} image, SAM ViT-B (random weights), CPU,")
+    print(
+        f"{args.masks} masks on a {args.width}x{args.height} image, SAM ViT-B (random weights), {args.device},"
+    )
     print(
         f"cpu_threads={args.cpu_threads}; median of {args.repeats} requests by image_id (embedding cached)\n"
     )
