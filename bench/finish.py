@@ -95,7 +95,8 @@ def main() -> int:
             times = stage_times(url, image_id, {"boxes": prompt_boxes, "mask_format": fmt}, args.repeats)
             rows.append((fmt, times))
     print(
-        f"{args.masks} masks on a {args.width}x{args.height} image, SAM ViT-B (random weights), {args.device},"
+        f"{args.masks} masks on a {args.width}x{args.height} image, "
+        f"SAM ViT-B (random weights), {args.device},"
     )
     print(
         f"cpu_threads={args.cpu_threads}; median of {args.repeats} requests by image_id (embedding cached)\n"
