@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     random.add_argument("--seed", type=int, default=0)
     random.set_defaults(handler=run_models_random)
+    add_models_reload_command(model_commands)
 
     add_keys_commands(commands)
     add_predict_command(commands)
@@ -174,6 +175,53 @@ def run_up(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     return up.run_up(settings, up.serve_command(overrides))
+
+
+def add_models_reload_command(model_commands: Any) -> None:
+    reload = model_commands.add_parser(
+        "reload",
+        help="load new weights into a running server and switch to them with no downtime (admin key)",
+        description="Loads the pipeline's models anew beside the old ones, warms them up, switches new "
+        "requests to them and frees the old copy once its requests have finished. If the new weights "
+        "fail to load, the old ones go on serving and the reason is printed.",
+    )
+    reload.add_argument("name", help="the pipeline (see GET /v1/models), e.g. grounded-sam")
+    reload.add_argument(
+        "--source",
+        default=None,
+        help="DETECTOR+SEGMENTER or one model, each a hub id or a folder on the server "
+        "(default: its current sources again, e.g. after writing new weights into the same folder)",
+    )
+    reload.add_argument("--url", default=None, help="server (default: TUNNELVISION_URL or 127.0.0.1:8000)")
+    reload.add_argument(
+        "--key", default=None, help="API key with the admin scope (default: TUNNELVISION_API_KEY)"
+    )
+    reload.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the load (default 600)"
+    )
+    reload.set_defaults(handler=run_models_reload)
+
+
+def run_models_reload(args: argparse.Namespace) -> int:
+    import httpx
+
+    from tunnelvision.client import APIError, Client
+
+    try:
+        with Client(args.url, args.key) as client:
+            reloaded = client.reload_model(args.name, args.source, timeout=args.timeout)
+    except APIError as exc:
+        print(f"tunnelvision: reload failed: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"tunnelvision: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    pipeline = reloaded.pipeline
+    print(
+        f"reloaded {pipeline.name}: generation {pipeline.generation} from {pipeline.source} "
+        f"(load {reloaded.load_s:.1f} s, warm-up {reloaded.warmup_s:.1f} s)"
+    )
+    return 0
 
 
 def run_models_random(args: argparse.Namespace) -> int:

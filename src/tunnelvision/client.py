@@ -26,12 +26,20 @@ from PIL import Image
 from pydantic import BaseModel
 
 from tunnelvision.masks import BoolMask, decode_png, decode_polygons, decode_rle
-from tunnelvision.schemas import RLE, DetectResponse, JobStatus, ModelsResponse, SegmentResponse
+from tunnelvision.schemas import (
+    RLE,
+    DetectResponse,
+    JobStatus,
+    ModelsResponse,
+    ReloadResponse,
+    SegmentResponse,
+)
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRYABLE = (429, 503)
+RELOAD_TIMEOUT_S = 600.0  # loading real weights can take minutes
 
 
 class APIError(Exception):
@@ -163,6 +171,11 @@ def job_call(images: list[ImageInput], prompt: str | list[str], options: dict[st
     return Call("/v1/jobs", files, data)
 
 
+def reload_call(name: str, source: str | None) -> tuple[str, dict[str, str]]:
+    """The reload route of pipeline `name` and its JSON body (empty: the same sources again)."""
+    return f"/v1/models/{name}/reload", {} if source is None else {"source": source}
+
+
 def _name_of(image: ImageInput, index: int) -> str:
     return Path(image).name if isinstance(image, str | os.PathLike) else f"image-{index:05d}.png"
 
@@ -238,10 +251,12 @@ class Client(_Base):
         image: ImageInput | None = None,
         prompt: str | list[str] | None = None,
         model: str | None = None,
+        exemplars: list[list[float]] | None = None,
         **options: Any,
     ) -> DetectResponse:
         return self._model(
-            DetectResponse, Call.build("/v1/detect", image, _fields(prompt, model=model, **options))
+            DetectResponse,
+            Call.build("/v1/detect", image, _fields(prompt, model=model, exemplars=exemplars, **options)),
         )
 
     def segment(
@@ -249,12 +264,15 @@ class Client(_Base):
         image: ImageInput | None = None,
         prompt: str | list[str] | None = None,
         model: str | None = None,
+        exemplars: list[list[float]] | None = None,
         **options: Any,
     ) -> SegmentResponse:
-        """`model`: a pipeline name (`models()`); options: boxes, points, image_id, box_threshold,
-        text_threshold, multimask, mask_format..."""
+        """`model`: a pipeline name (`models()`); `exemplars`: [[x1, y1, x2, y2, label], ...]
+        (label 1 more like this, 0 not this) for pipelines that take them; options: boxes, points,
+        image_id, box_threshold, text_threshold, multimask, mask_format..."""
         return self._model(
-            SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, model=model, **options))
+            SegmentResponse,
+            Call.build("/v1/segment", image, _fields(prompt, model=model, exemplars=exemplars, **options)),
         )
 
     def annotate(
@@ -272,6 +290,18 @@ class Client(_Base):
     def models(self) -> ModelsResponse:
         """The pipelines served (names for `model`), their models and abilities."""
         return ModelsResponse.model_validate(self._send("GET", Call("/v1/models", None, {})).json())
+
+    def reload_model(
+        self, name: str, source: str | None = None, timeout: float = RELOAD_TIMEOUT_S
+    ) -> ReloadResponse:
+        """Load new weights for pipeline `name` beside the old, warm them up and switch with no
+        downtime. `source`: a SPEC (DETECTOR+SEGMENTER or one model; hub ids or folders on the
+        server); default: its current sources again. Needs an admin key. Not retried: a second
+        reload while one runs is a 409, a failed load an InvalidRequest saying why."""
+        path, body = reload_call(name, source)
+        response = self._http.post(path, json=body, timeout=timeout)
+        raise_for_error(response)
+        return ReloadResponse.model_validate(response.json())
 
     def create_job(
         self, images: list[ImageInput], prompt: str | list[str], model: str | None = None, **options: Any
@@ -342,10 +372,12 @@ class AsyncClient(_Base):
         image: ImageInput | None = None,
         prompt: str | list[str] | None = None,
         model: str | None = None,
+        exemplars: list[list[float]] | None = None,
         **options: Any,
     ) -> DetectResponse:
         return await self._model(
-            DetectResponse, Call.build("/v1/detect", image, _fields(prompt, model=model, **options))
+            DetectResponse,
+            Call.build("/v1/detect", image, _fields(prompt, model=model, exemplars=exemplars, **options)),
         )
 
     async def segment(
@@ -353,10 +385,12 @@ class AsyncClient(_Base):
         image: ImageInput | None = None,
         prompt: str | list[str] | None = None,
         model: str | None = None,
+        exemplars: list[list[float]] | None = None,
         **options: Any,
     ) -> SegmentResponse:
         return await self._model(
-            SegmentResponse, Call.build("/v1/segment", image, _fields(prompt, model=model, **options))
+            SegmentResponse,
+            Call.build("/v1/segment", image, _fields(prompt, model=model, exemplars=exemplars, **options)),
         )
 
     async def annotate(
@@ -371,6 +405,14 @@ class AsyncClient(_Base):
 
     async def models(self) -> ModelsResponse:
         return ModelsResponse.model_validate((await self._send("GET", Call("/v1/models", None, {}))).json())
+
+    async def reload_model(
+        self, name: str, source: str | None = None, timeout: float = RELOAD_TIMEOUT_S
+    ) -> ReloadResponse:
+        path, body = reload_call(name, source)
+        response = await self._http.post(path, json=body, timeout=timeout)
+        raise_for_error(response)
+        return ReloadResponse.model_validate(response.json())
 
     async def create_job(
         self, images: list[ImageInput], prompt: str | list[str], model: str | None = None, **options: Any

@@ -116,3 +116,39 @@ class UnsupportedPrompt(InvalidInput):
     """A request asked a pipeline for something it cannot do (text to a segmenter alone...)."""
 
     code = "unsupported_prompt"
+
+
+class ReloadFailed(TunnelvisionError):
+    """New weights could not be loaded or warmed up; the pipeline's old copy goes on serving."""
+
+    code = "reload_failed"
+
+
+class ReloadInProgress(TunnelvisionError):
+    """Another reload is loading right now; one at a time."""
+
+    code = "reload_in_progress"
+
+
+class Unauthorized(TunnelvisionError):
+    """No valid credentials (a key or a Cloudflare Access login) for a protected route."""
+
+    code = "unauthorized"
+
+
+class Forbidden(TunnelvisionError):
+    """Valid credentials without the scope the route needs."""
+
+    code = "forbidden"
+
+
+class RateLimited(Retryable):
+    """One client sent more than its rate allows."""
+
+    code = "rate_limited"
+
+
+class TooManyInFlight(RateLimited):
+    """One client has as many requests queued or running as it may."""
+
+    code = "too_many_inflight"

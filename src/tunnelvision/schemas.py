@@ -10,10 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MaskFormat = Literal["rle", "polygon", "png", "none"]
 MAX_PHRASES = 32
 MAX_PROMPTS = 256  # boxes or points in one request
+MAX_EXEMPLARS = 64  # exemplar boxes in one request
 
 Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x1, y1, x2, y2] pixels")]
 Point = Annotated[
     list[float], Field(min_length=3, max_length=3, description="[x, y, label]: 1 object, 0 background")
+]
+Exemplar = Annotated[
+    list[float],
+    Field(min_length=5, max_length=5, description="[x1, y1, x2, y2, label]: 1 more like this, 0 not this"),
 ]
 
 
@@ -32,6 +37,15 @@ def normalize_prompt(prompt: str | list[str] | None) -> list[str]:
     if len(unique) > MAX_PHRASES:
         raise ValueError(f"at most {MAX_PHRASES} phrases in a prompt")
     return unique
+
+
+def check_box(box: list[float], name: str) -> None:
+    """ValueError unless [x1, y1, x2, y2] has x2 > x1, y2 > y1 and no negative coordinate."""
+    x1, y1, x2, y2 = box
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"{name} is degenerate: need x2 > x1 and y2 > y1")
+    if min(x1, y1) < 0:
+        raise ValueError(f"{name} has a negative coordinate")
 
 
 class DetectParams(BaseModel):
@@ -55,12 +69,28 @@ class DetectParams(BaseModel):
         description="the pipeline to use (GET /v1/models lists them); default: the server's first",
         examples=["grounded-sam"],
     )
+    exemplars: list[Exemplar] | None = Field(
+        None,
+        max_length=MAX_EXEMPLARS,
+        description="example boxes in this image, alone or with a prompt, for pipelines that take them "
+        "(GET /v1/models: 'exemplars'): label 1 finds more like it, 0 excludes things like it",
+        examples=[[[10, 20, 200, 240, 1]]],
+    )
 
     @field_validator("prompt")
     @classmethod
     def _prompt_has_phrases(cls, value: str | list[str] | None) -> str | list[str] | None:
         normalize_prompt(value)  # raises ValueError with the reason
         return value
+
+    @field_validator("exemplars")
+    @classmethod
+    def _exemplars_valid(cls, exemplars: list[list[float]] | None) -> list[list[float]] | None:
+        for i, (*box, label) in enumerate(exemplars or []):
+            check_box(box, f"exemplar {i}")
+            if label not in (0, 1):
+                raise ValueError(f"exemplar {i} has label {label}: use 1 (more like this) or 0 (not this)")
+        return exemplars
 
     @cached_property
     def phrases(self) -> list[str]:
@@ -71,13 +101,13 @@ class DetectParams(BaseModel):
 class DetectRequestParams(DetectParams):
     @model_validator(mode="after")
     def _needs_prompt(self) -> DetectRequestParams:
-        if not self.phrases:
+        if not self.phrases and not self.exemplars:
             raise ValueError("prompt is empty: give one or more phrases, e.g. 'forklift . person'")
         return self
 
 
 class SegmentParams(DetectParams):
-    """Options of /v1/segment: a text prompt, or boxes, or points (exactly one of them)."""
+    """Options of /v1/segment: a text prompt and/or exemplars, or boxes, or points."""
 
     boxes: list[Box] | None = Field(None, max_length=MAX_PROMPTS, examples=[[[10, 20, 200, 240]]])
     points: list[Point] | None = Field(None, max_length=MAX_PROMPTS, examples=[[[120, 80, 1]]])
@@ -87,11 +117,8 @@ class SegmentParams(DetectParams):
     @field_validator("boxes")
     @classmethod
     def _boxes_not_degenerate(cls, boxes: list[list[float]] | None) -> list[list[float]] | None:
-        for i, (x1, y1, x2, y2) in enumerate(boxes or []):
-            if not (x2 > x1 and y2 > y1):
-                raise ValueError(f"box {i} is degenerate: need x2 > x1 and y2 > y1")
-            if min(x1, y1) < 0:
-                raise ValueError(f"box {i} has a negative coordinate")
+        for i, box in enumerate(boxes or []):
+            check_box(box, f"box {i}")
         return boxes
 
     @field_validator("points")
@@ -106,11 +133,12 @@ class SegmentParams(DetectParams):
 
     @model_validator(mode="after")
     def _exactly_one_prompt_kind(self) -> SegmentParams:
-        given = [bool(self.phrases), bool(self.boxes), bool(self.points)]
+        # Exemplars refine or replace a text prompt; boxes and points each stand alone.
+        given = [bool(self.phrases or self.exemplars), bool(self.boxes), bool(self.points)]
         if sum(given) == 0:
-            raise ValueError("nothing to segment: give a prompt, boxes or points")
+            raise ValueError("nothing to segment: give a prompt, exemplars, boxes or points")
         if sum(given) > 1:
-            raise ValueError("give only one of prompt, boxes or points")
+            raise ValueError("give only one of prompt (with or without exemplars), boxes or points")
         return self
 
 
@@ -242,6 +270,11 @@ class PipelineInfo(BaseModel):
         ..., description="text, boxes, points, exemplars (prompt kinds it takes) and masks (it segments)"
     )
     models: list[PipelineModel]
+    source: str = Field(
+        ..., description="the SPEC it was loaded from: DETECTOR+SEGMENTER or one model (hub ids or folders)"
+    )
+    generation: int = Field(..., description="1 as the server started, one more after each reload")
+    loaded_at: str = Field(..., description="when this generation was loaded (UTC, ISO 8601)")
 
 
 class ModelsResponse(BaseModel):
@@ -270,6 +303,9 @@ class ModelsResponse(BaseModel):
                                     "dtype": "float32",
                                 },
                             ],
+                            "source": "IDEA-Research/grounding-dino-tiny+facebook/sam-vit-base",
+                            "generation": 1,
+                            "loaded_at": "2026-11-25T09:30:00+00:00",
                         }
                     ],
                     "detector": {
@@ -315,4 +351,29 @@ class JobStatus(BaseModel):
     created: float = Field(..., description="Unix time")
     errors: list[JobImageError] = Field(
         default_factory=list, description="the failed images (the first 100) and why each failed"
+    )
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="new weights, as `--pipeline NAME=SPEC` takes SPEC: DETECTOR+SEGMENTER or one "
+        "model, each a hub id or a folder on the server; default: the pipeline's current sources "
+        "again (after writing new weights into the same folder)",
+        examples=["/models/detector-finetuned+/models/segmenter"],
+    )
+
+
+class ReloadResponse(BaseModel):
+    pipeline: PipelineInfo = Field(..., description="the pipeline as it serves now")
+    load_s: float = Field(..., description="seconds spent loading the new weights (beside the old)")
+    warmup_s: float = Field(..., description="seconds of the warm-up pass on every device")
+    drained: bool = Field(
+        ...,
+        description="every request that was already on the old copy finished before this answer, "
+        "and the old copy's memory was released",
     )

@@ -20,8 +20,11 @@ def test_gpu_benchmark_runs_in_smoke_mode() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| vit-b |")]
-    assert len(rows) == 2 and "device: cpu" in result.stdout
+    measured = [line for line in result.stdout.splitlines() if line.endswith("x |")]
+    # two paths (eager baseline, ours) for each pipeline of every family
+    pipelines = {line.split("|")[1].strip() for line in measured}
+    assert pipelines == {"grounded-sam", "mm-grounding-dino-sam", "owlv2-sam2.1", "sam3"}, result.stdout
+    assert len(measured) == 8 and "device: cpu" in result.stdout
 
 
 def test_load_generator_refuses_other_hosts() -> None:

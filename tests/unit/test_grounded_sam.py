@@ -163,8 +163,8 @@ def test_out_of_memory_frees_the_caches_and_becomes_a_retryable_error(
     monkeypatch.setattr(detector, "detect_batch", oom)
     monkeypatch.setattr("tunnelvision.engine.pipeline.free_device_memory", lambda: freed.append(1))
     params = SegmentParams(prompt="cat")
-    monkeypatch.setattr(sam, "embeddings", ByteLRU(1024))
-    sam.embeddings.put("some image", torch.zeros(4), 16)
+    monkeypatch.setattr(sam.embeddings, "lru", ByteLRU(1024))
+    sam.embeddings.lru.put("some image", torch.zeros(4), 16)
     assert backend.cache_stats()["entries"] == 1
     with pytest.raises(DeviceOutOfMemory) as caught:
         backend.run(backend.prepare(image, params), params)

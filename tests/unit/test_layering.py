@@ -51,3 +51,14 @@ def test_families_answer_in_arrays_and_never_build_wire_objects() -> None:
         }
         assert not wire, f"{module} imports wire classes {sorted(wire)}: results.py turns arrays into those"
         assert "tunnelvision.schemas" not in names and "tunnelvision.masks.encode_mask" not in names
+
+
+def test_the_client_never_imports_torch() -> None:
+    """The light client (and the masks it decodes) must install and import without torch."""
+    import subprocess
+    import sys
+
+    probe = "import sys, tunnelvision.client, tunnelvision.masks; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -59,7 +59,7 @@ def test_an_unknown_model_type_fails_at_start_naming_the_known_ones(tmp_path: Pa
     with pytest.raises(ModelUnavailable) as caught:
         build_backends(make_settings(pipeline=[f"chat={tmp_path}"], device="cpu"))
     message = caught.value.message
-    assert "'llama'" in message and "grounding-dino, mm-grounding-dino, sam" in message
+    assert "'llama'" in message and "grounding-dino, mm-grounding-dino, owlv2, sam, sam2, sam3" in message
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["X"]}))
     with pytest.raises(ModelUnavailable, match="names no model_type"):
         build_backends(make_settings(pipeline=[f"chat={tmp_path}"], device="cpu"))
@@ -91,3 +91,17 @@ def test_an_mm_grounding_dino_checkpoint_is_served_by_the_grounding_dino_family(
     prepared = backend.prepare(image, params)
     found = backend.finish(backend.run(prepared, params), params, prepared)
     assert len(found) == 5 and {d.label for d in found} <= {"cat", "dog"}
+
+
+def test_a_family_needing_torchvision_is_refused_at_load_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from support import make_settings
+    from tunnelvision.models import loading
+    from tunnelvision.models.factory import build_backends
+    from tunnelvision.models.random_families import write_random_family
+
+    write_random_family(tmp_path / "sam2", "sam2", "tiny", 0)
+    monkeypatch.setattr(loading, "torchvision_importable", lambda: False)  # as where it fails to import
+    with pytest.raises(ModelUnavailable, match="sam2 needs torchvision"):
+        build_backends(make_settings(pipeline=[f"s={tmp_path / 'sam2'}"], device="cpu"))

@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from tunnelvision.boxes import _batched_nms_torch, batched_nms
 from tunnelvision.masks import (
-    _batched_nms_torch,
-    batched_nms,
     encode_mask,
     encode_png,
     encode_polygons,

@@ -24,7 +24,7 @@ from tunnelvision.api.middleware import (
     UnexpectedErrorMiddleware,
     access_log_sink,
 )
-from tunnelvision.api.routes import health, jobs, metrics, playground, predict
+from tunnelvision.api.routes import admin, health, jobs, metrics, playground, predict
 from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import Settings
 from tunnelvision.metrics import Metrics
@@ -70,6 +70,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.state.tunnelvision = state
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.include_router(predict.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunnelvision.errors import (
     DeadlineExceeded,
+    Forbidden,
     ImageTooLarge,
     InvalidImage,
     InvalidInput,
@@ -20,9 +21,13 @@ from tunnelvision.errors import (
     NotFound,
     PayloadTooLarge,
     QuotaExceeded,
+    RateLimited,
+    ReloadFailed,
+    ReloadInProgress,
     Retryable,
     StorageFull,
     TunnelvisionError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 
@@ -49,6 +54,11 @@ STATUS_BY_ERROR: dict[type[TunnelvisionError], int] = {
     DeadlineExceeded: 504,
     QuotaExceeded: 507,
     StorageFull: 507,
+    ReloadFailed: 422,  # the new source cannot serve; the old copy still does
+    ReloadInProgress: 409,
+    Unauthorized: 401,
+    Forbidden: 403,
+    RateLimited: 429,  # a Retryable, found before Retryable's 503 in the class's MRO
 }
 
 _CODE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -73,12 +83,16 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def headers_for(exc: TunnelvisionError) -> dict[str, str]:
+    """Retry-After on every retryable error (503s and 429s), in whole seconds."""
+    if isinstance(exc, Retryable):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return {}
+
+
 async def handle_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TunnelvisionError)
-    headers = None
-    if isinstance(exc, Retryable):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    return error_response(request, status_for(exc), exc.code, exc.message, headers)
+    return error_response(request, status_for(exc), exc.code, exc.message, headers_for(exc) or None)
 
 
 async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:

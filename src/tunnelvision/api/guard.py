@@ -22,12 +22,13 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tunnelvision.api.middleware import HttpMiddleware, send_json_error
+from tunnelvision.api.middleware import HttpMiddleware, send_error
 from tunnelvision.config import Settings
+from tunnelvision.errors import Forbidden, RateLimited, TooManyInFlight, Unauthorized
 from tunnelvision.security.access import AccessDenied, AccessVerifier
 from tunnelvision.security.keys import KeyStore, parse_scopes
 from tunnelvision.security.proxy import client_address, parse_networks
-from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter, retry_after_header
+from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter
 
 ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz", "/"})  # "/": the playground page (it asks for a key)
 # Public, but a caller who sends valid credentials is recognised (and told more).
@@ -72,12 +73,6 @@ def required_scope(method: str, path: str) -> str | None:
         if rule.matches(method, path):
             return rule.scope
     return DEFAULT_SCOPE
-
-
-class Unauthorized(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -251,14 +246,12 @@ class GuardMiddleware(HttpMiddleware):
         try:
             caller = await self.auth.authenticate(Credentials.from_headers(headers))
         except Unauthorized as exc:
-            await send_json_error(
-                scope, send, 401, "unauthorized", exc.message, {"WWW-Authenticate": WWW_AUTHENTICATE}
-            )
+            await send_error(scope, send, exc, {"WWW-Authenticate": WWW_AUTHENTICATE})
             return
         remember(state, caller)
         # No caller: no authentication is configured (loopback), so every scope is allowed.
         if caller is not None and (lacking := caller.lacking(scope["method"], scope["path"])):
-            await send_json_error(scope, send, 403, "forbidden", caller.forbidden_message(lacking))
+            await send_error(scope, send, Forbidden(caller.forbidden_message(lacking)))
             return
         await self._limited(scope, receive, send, state["principal"] or f"ip:{state['client']}")
 
@@ -270,21 +263,14 @@ class GuardMiddleware(HttpMiddleware):
     async def _limited(self, scope: Scope, receive: Receive, send: Send, client: str) -> None:
         wait_s = self.rate.acquire(client) if self.rate else 0.0
         if wait_s > 0:
-            await send_json_error(
-                scope,
-                send,
-                429,
-                "rate_limited",
-                "too many requests; slow down",
-                {"Retry-After": retry_after_header(wait_s)},
-            )
+            await send_error(scope, send, RateLimited("too many requests; slow down", wait_s))
             return
         if self.inflight is None:
             await self.app(scope, receive, send)
             return
         if not self.inflight.try_enter(client):
             message = f"at most {self.inflight.cap} requests of one client may wait at once"
-            await send_json_error(scope, send, 429, "too_many_inflight", message, {"Retry-After": "1"})
+            await send_error(scope, send, TooManyInFlight(message, 1.0))
             return
         try:
             await self.app(scope, receive, send)

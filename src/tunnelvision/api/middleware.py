@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tunnelvision.errors import PayloadTooLarge
+from tunnelvision.api.errors import headers_for, status_for
+from tunnelvision.errors import PayloadTooLarge, TunnelvisionError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -125,8 +126,8 @@ class BodyLimitMiddleware(HttpMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            message = f"request body is over the {self.max_bytes} byte limit"
-            await send_json_error(scope, send, 413, "payload_too_large", message, {"Connection": "close"})
+            too_large = PayloadTooLarge(f"request body is over the {self.max_bytes} byte limit")
+            await send_error(scope, send, too_large, {"Connection": "close"})
             return
         received = 0
 
@@ -140,6 +141,14 @@ class BodyLimitMiddleware(HttpMiddleware):
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+async def send_error(
+    scope: Scope, send: Send, exc: TunnelvisionError, headers: dict[str, str] | None = None
+) -> None:
+    """A domain error from middleware, with the status, code and headers of the one table."""
+    all_headers = {**headers_for(exc), **(headers or {})}
+    await send_json_error(scope, send, status_for(exc), exc.code, exc.message, all_headers)
 
 
 async def send_json_error(

@@ -10,7 +10,8 @@ from tunnelvision.api.parsing import JSON_TEXT_FIELDS
 from tunnelvision.schemas import ErrorResponse
 
 ERROR_DESCRIPTIONS = {
-    400: "malformed input: the image cannot be decoded, JSON nested too deeply, a damaged zip member",
+    400: "malformed input: a body that is not valid JSON, an image that cannot be decoded, JSON nested "
+    "too deeply, a damaged zip member",
     401: "no valid API key or Cloudflare Access login (WWW-Authenticate says how)",
     403: "the key (or Access login) lacks this route's scope: predict, jobs or admin",
     404: "no such job, or an image_id not in the cache (evicted, never sent, or another key's)",

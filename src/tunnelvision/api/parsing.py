@@ -15,7 +15,7 @@ from tunnelvision.errors import InvalidImage, InvalidInput, MalformedInput, Unsu
 from tunnelvision.imaging import decode_base64
 
 P = TypeVar("P", bound=BaseModel)
-JSON_TEXT_FIELDS = ("boxes", "points")  # multipart carries these as JSON text
+JSON_TEXT_FIELDS = ("boxes", "points", "exemplars")  # multipart carries these as JSON text
 MAX_FORM_FIELDS = 32
 # Commas and brackets in a JSON body or field: 256 boxes take about 1,300. json.loads builds an
 # object for each value, so far more (a 32 MB body of `0,0,0,...`) is refused before parsing.

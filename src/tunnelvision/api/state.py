@@ -8,10 +8,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tunnelvision.config import Settings
-from tunnelvision.engine.backend import Backend
-from tunnelvision.engine.engine import Engine, EngineConfig
-from tunnelvision.errors import ModelUnavailable, NotReady, ShuttingDown, WorkerUnavailable
+from tunnelvision.config import PipelineSpec, Settings, parse_pipeline
+from tunnelvision.engine.backend import Backend, PipelineSummary
+from tunnelvision.engine.engine import Engine, EngineConfig, Reloaded, Swap
+from tunnelvision.errors import InvalidInput, ModelUnavailable, NotReady, ShuttingDown, WorkerUnavailable
 from tunnelvision.jobs.runner import JobRunner
 from tunnelvision.jobs.store import JobStore
 from tunnelvision.metrics import Metrics
@@ -20,12 +20,17 @@ from tunnelvision.schemas import DetectParams
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[Settings], Sequence[Backend]]
+# Loads one pipeline anew beside the current backends (see models.factory.replace_pipeline).
+Reloader = Callable[[Settings, PipelineSpec, Sequence[Backend]], Swap]
 
 
 class AppState:
-    def __init__(self, settings: Settings, backend_factory: BackendFactory) -> None:
+    def __init__(
+        self, settings: Settings, backend_factory: BackendFactory, reloader: Reloader | None = None
+    ) -> None:
         self.settings = settings
         self.backend_factory = backend_factory
+        self.reloader = reloader  # None: models.factory's, imported at the first reload (it needs torch)
         self.engine: Engine | None = None
         self.phase = "starting"
         self.failure: str | None = None
@@ -126,6 +131,14 @@ class AppState:
         if self.engine is not None:
             self.engine.check_request(params)
 
+    async def reload(self, name: str, source: str | None) -> Reloaded:
+        """New weights for pipeline `name` (from `source`, a SPEC; None: its current sources),
+        swapped in with no downtime; the old copy serves on if they fail to load."""
+        engine = self.ready_engine()
+        spec = reload_spec(engine.served_pipeline(name), source)
+        reloader, settings = self.reloader or default_reloader(), self.settings
+        return await engine.reload(name, lambda current: reloader(settings, spec, current))
+
     def stats(self) -> dict[str, Any]:
         return self.engine.stats() if self.engine is not None else {}
 
@@ -138,6 +151,23 @@ class AppState:
             "caches": engine.cache_stats() if engine is not None else {},
             "device_memory": engine.device_memory() if engine is not None else {},
         }
+
+
+def reload_spec(pipeline: PipelineSummary, source: str | None) -> PipelineSpec:
+    """What to load for `pipeline`: `source` as `--pipeline NAME=SPEC` takes SPEC, or the
+    sources it serves from now (their files may have been replaced)."""
+    if source is None:
+        return PipelineSpec(pipeline.name, tuple(model.source for model in pipeline.models))
+    try:
+        return parse_pipeline(f"{pipeline.name}={source}")
+    except ValueError as exc:
+        raise InvalidInput(f"source: {exc}") from None
+
+
+def default_reloader() -> Reloader:
+    from tunnelvision.models.factory import replace_pipeline
+
+    return replace_pipeline
 
 
 def engine_config(settings: Settings) -> EngineConfig:

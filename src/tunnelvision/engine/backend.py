@@ -90,6 +90,8 @@ def needed_abilities(params: DetectParams) -> list[Ability]:
     needs: list[Ability] = []
     if params.phrases:
         needs.append("text")
+    if params.exemplars:
+        needs.append("exemplars")
     if isinstance(params, SegmentParams):
         needs += ["boxes"] if params.boxes else []
         needs += ["points"] if params.points else []

@@ -2,19 +2,25 @@
 
 decode + prepare (CPU pool) -> scheduler queue -> device worker -> finish (CPU pool).
 The event loop only awaits; it never runs image or model code.
+
+What is served (one backend per device) is a `Serving`; a reload puts a new one in place while
+the requests already on their way finish on the one they started with (see `Engine.reload`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -24,7 +30,15 @@ from tunnelvision.drawing import annotate
 from tunnelvision.engine.backend import Backend, BackendInfo, Deadline, PipelineSummary, is_device_lost
 from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, FailureObserver, Scheduler
-from tunnelvision.errors import InvalidInput, NotFound, RequestTooCostly
+from tunnelvision.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    ReloadFailed,
+    ReloadInProgress,
+    RequestTooCostly,
+    TunnelvisionError,
+)
 from tunnelvision.imaging import RGBImage, decode_image
 from tunnelvision.schemas import (
     AnnotateParams,
@@ -70,6 +84,68 @@ class _Outcome:
     deadline: Deadline
 
 
+class Serving:
+    """What the engine serves at one moment: a backend per device, in the device workers' order.
+    A request keeps the Serving it started with to its end; `requests` counts those under way."""
+
+    def __init__(self, number: int, backends: Sequence[Backend]) -> None:
+        self.number = number  # part of every batch key: one batch never mixes two Servings
+        self.backends = tuple(backends)
+        self.requests = 0
+        self.idle = asyncio.Event()  # set while no request is under way (the event loop's only)
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.requests += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.requests -= 1
+        if self.requests == 0:
+            self.idle.set()
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A scheduler item. Its Serving is held weakly: the request's coroutine holds it until the
+    answer, and an idle worker still holding its last batch must not keep replaced models alive."""
+
+    serving: weakref.ref[Serving]
+    prepared: Any
+    params: DetectParams
+
+
+@dataclass(frozen=True)
+class Swap:
+    """What a reload's loader returns: the new backends (one per device, in the order of the
+    current ones) and `retire`, told the old backends once their last request has finished, to
+    free what only they held (embedding caches of models the new backends do not share)."""
+
+    backends: Sequence[Backend]
+    retire: Callable[[Sequence[Backend]], None]
+
+
+# Called in a thread with the current backends; builds the new ones beside them (may take minutes).
+Loader = Callable[[Sequence[Backend]], Swap]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """When a pipeline's weights were loaded, and how many times (1: at start)."""
+
+    generation: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    name: str
+    loaded: Loaded
+    load_s: float
+    warmup_s: float
+    drained: bool  # every request on the old copy finished (within the deadline) before it was freed
+
+
 class Engine:
     """`owner` names who sent a request (an API key's principal, or ANONYMOUS): an image and its
     embedding are found again only by the owner who sent them (see `image_id_for`).
@@ -87,11 +163,15 @@ class Engine:
         if not backends:
             raise ValueError("an engine needs at least one backend")
         self.config = config
-        self.backends = list(backends)
-        self.scheduler: Scheduler[Backend] = Scheduler(
-            self.backends,
+        self._serving = Serving(0, backends)
+        started = datetime.now(UTC)
+        self.loaded = {p.name: Loaded(1, started) for p in self.info.pipelines}
+        self._reloading = False
+        # Workers know their device by index; each batch runs on its own Serving's backend there.
+        self.scheduler: Scheduler[int] = Scheduler(
+            list(range(len(backends))),
             config.max_queue,
-            runner=run_timed_batch,
+            runner=run_on_device,
             max_batch=config.max_batch,
             batch_wait_s=config.batch_wait_ms / 1000,
             on_batch=on_batch,
@@ -103,6 +183,11 @@ class Engine:
         self.images: ByteLRU[RGBImage] = ByteLRU(config.image_cache_bytes)  # by (owner, image_id)
         self._id_key = secrets.token_bytes(32)  # per process: ids are never comparable across runs
         self._cpu = ThreadPoolExecutor(config.cpu_threads, thread_name_prefix="cpu")
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """What new requests go to: one backend per device."""
+        return self._serving.backends
 
     @property
     def info(self) -> BackendInfo:
@@ -198,7 +283,7 @@ class Engine:
 
     async def warmup(self) -> None:
         """One pass through decode, every model and mask encoding, so the first user isn't slow."""
-        image = np.full((480, 640, 3), 127, dtype=np.uint8)
+        image = warmup_image()
         for pipeline in self.info.pipelines:
             params = warmup_params(pipeline)
             if params is not None:
@@ -242,15 +327,35 @@ class Engine:
         check_prompts_inside(image, params)
         check_mask_work(image, params, self.config.max_mask_pixels)
         deadline.check()
+        serving = self._serving  # to the end, even if a reload replaces it meanwhile
+        serving.enter()
+        try:
+            return await self._run_on(serving, image, image_id, params, deadline, priority)
+        finally:
+            serving.leave()
+
+    async def _run_on(
+        self,
+        serving: Serving,
+        image: RGBImage,
+        image_id: str,
+        params: DetectParams,
+        deadline: Deadline,
+        priority: int,
+    ) -> _Outcome:
         t_prepare = time.monotonic()
-        backend = self.backends[0]  # prepare/finish are CPU work: any replica's processors do
+        backend = serving.backends[0]  # prepare/finish are CPU work: any replica's processors do
         self._preparing += 1
         try:
             prepare = partial(backend.prepare, image, params, image_id, deadline.check)
             prepared = await self._on_cpu(prepare, deadline)
             t_submit = time.monotonic()
+            key = backend.batch_key(prepared, params)
             task = self.scheduler.submit(
-                (prepared, params), deadline.at, priority, key=backend.batch_key(prepared, params)
+                _Submitted(weakref.ref(serving), prepared, params),
+                deadline.at,
+                priority,
+                key=None if key is None else (serving.number, key),
             )
         finally:
             self._preparing -= 1
@@ -268,6 +373,49 @@ class Engine:
         }
         return _Outcome(image, image_id, detections, timings, deadline)
 
+    # -- replacing weights -----------------------------------------------------------------
+
+    async def reload(self, name: str, load: Loader) -> Reloaded:
+        """Replace pipeline `name` with no downtime. `load` builds the new backends beside the
+        old ones in a thread (the event loop and the device workers go on serving); the new
+        pipeline is warmed up on every device; then new requests go to it while those already
+        under way finish on the old backends, which are retired once the last has finished (or
+        after a deadline's time). Any failure before the switch leaves the old ones serving.
+        ReloadInProgress while another reload runs; NotFound for a pipeline not served."""
+        self.served_pipeline(name)
+        if self._reloading:  # checked and set with no await between: one reload at a time
+            raise ReloadInProgress(f"another reload is under way; retry once it has finished ('{name}')")
+        self._reloading = True
+        try:
+            return await self._reload(name, load)
+        finally:
+            self._reloading = False
+
+    def served_pipeline(self, name: str) -> PipelineSummary:
+        """The pipeline named `name` as it serves now; NotFound naming those served."""
+        for pipeline in self.info.pipelines:
+            if pipeline.name == name:
+                return pipeline
+        known = ", ".join(p.name for p in self.info.pipelines)
+        raise NotFound(f"no model '{name}' here; this server serves: {known}")
+
+    async def _reload(self, name: str, load: Loader) -> Reloaded:
+        started = time.monotonic()
+        swap = await asyncio.to_thread(load_beside, load, self.backends)
+        loaded = time.monotonic()
+        await asyncio.to_thread(warm_up_each, swap.backends, name)
+        warmed = time.monotonic()
+        old, self._serving = self._serving, Serving(self._serving.number + 1, swap.backends)
+        self.loaded[name] = Loaded(self.loaded[name].generation + 1, datetime.now(UTC))
+        log.info("reloaded '%s' (generation %d)", name, self.loaded[name].generation)
+        drained = await _wait_idle(old, self.config.deadline_s)
+        retire, backends = swap.retire, old.backends
+        del old, swap  # the last references: what only the old backends held can now go
+        await asyncio.to_thread(retire_backends, retire, backends)
+        del backends
+        await asyncio.to_thread(gc.collect)  # model objects in reference cycles, too
+        return Reloaded(name, self.loaded[name], loaded - started, warmed - loaded, drained)
+
     async def _on_cpu(self, fn: Callable[[], T], deadline: Deadline) -> T:
         """Run `fn` in the CPU pool; past the deadline the request answers at once. The thread
         cannot be interrupted: `fn` stops at its next `deadline.check`, or its result is dropped."""
@@ -276,6 +424,10 @@ class Engine:
             return await asyncio.wait_for(work, timeout=deadline.remaining())
         except TimeoutError:
             raise deadline.exceeded() from None
+
+
+def warmup_image() -> RGBImage:
+    return np.full((480, 640, 3), 127, dtype=np.uint8)
 
 
 def warmup_params(pipeline: PipelineSummary) -> DetectParams | None:
@@ -290,12 +442,85 @@ def warmup_params(pipeline: PipelineSummary) -> DetectParams | None:
     return None
 
 
+def run_on_device(device: int, items: list[_Submitted]) -> list[Any]:
+    """The scheduler's runner for the worker of device number `device`. A batch holds one
+    Serving's items (their key names it)."""
+    serving = items[0].serving()
+    if serving is None:  # every waiter has gone, and its Serving was replaced: nobody to answer
+        return [DeadlineExceeded("abandoned by its client before it ran") for _ in items]
+    return run_timed_batch(serving.backends[device], [(item.prepared, item.params) for item in items])
+
+
 def run_timed_batch(backend: Backend, items: list[tuple[Any, DetectParams]]) -> list[Any]:
     """The scheduler's runner: one device pass for the batch, its start and end for each item."""
     start = time.monotonic()
     raws = backend.run_batch(items)
     end = time.monotonic()
     return [raw if isinstance(raw, BaseException) else (raw, start, end) for raw in raws]
+
+
+def load_beside(load: Loader, current: Sequence[Backend]) -> Swap:
+    """The loader's new backends, or ReloadFailed with its reason (for the admin who asked)."""
+    try:
+        swap = load(current)
+    except ReloadFailed:
+        raise
+    except TunnelvisionError as exc:
+        raise ReloadFailed(f"the new weights did not load: {exc.message}") from exc
+    except Exception as exc:
+        log.exception("reload: loading failed")
+        raise ReloadFailed(f"the new weights did not load: {describe_failure(exc)}") from exc
+    if len(swap.backends) != len(current):
+        raise ReloadFailed(f"the loader made {len(swap.backends)} copies for {len(current)} devices")
+    return swap
+
+
+def warm_up_each(backends: Sequence[Backend], name: str) -> None:
+    """One pass of pipeline `name` through each new backend, outside the scheduler: the copy is
+    not serving yet, so it needs no queue, and the device workers go on serving meanwhile."""
+    for backend in backends:
+        try:
+            warm_up(backend, name)
+        except Exception as exc:
+            log.exception("reload: the warm-up of '%s' failed", name)
+            reason = describe_failure(exc)
+            raise ReloadFailed(f"the new weights loaded but failed their warm-up: {reason}") from exc
+
+
+def warm_up(backend: Backend, name: str) -> None:
+    params = warmup_params(backend.info.pipeline(name))
+    if params is None:
+        return
+    prepared = backend.prepare(warmup_image(), params)
+    (raw,) = backend.run_batch([(prepared, params)])
+    if isinstance(raw, BaseException):
+        raise raw
+    backend.finish(raw, params, prepared)
+
+
+def retire_backends(retire: Callable[[Sequence[Backend]], None], backends: Sequence[Backend]) -> None:
+    """A failure to free caches is logged, not answered: the new weights are serving already."""
+    try:
+        retire(backends)
+    except Exception:
+        log.exception("reload: retiring the old backends failed")
+
+
+async def _wait_idle(serving: Serving, timeout_s: float) -> bool:
+    """True once no request is under way on `serving`; False after `timeout_s` (requests stop
+    within their deadline anyway: after it, nobody waits for them)."""
+    try:
+        await asyncio.wait_for(serving.idle.wait(), timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The exception's type and first line, bounded: for an admin's reload answer (the log has
+    the traceback)."""
+    first_line = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"[:500]
 
 
 def decode_image_with_digest(data: bytes, max_pixels: int) -> tuple[RGBImage, bytes]:

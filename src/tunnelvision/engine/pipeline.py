@@ -1,26 +1,36 @@
 """Pipelines: named compositions of model roles, and the per-device backend that routes to them.
 
 A `ComposedPipeline` is a detector + segmenter (Grounded-SAM style), a segmenter alone (boxes and
-points) or a detector alone (boxes from text). A concept segmenter (one model for text and
-exemplars) is another class with the same `Pipeline` shape. `DeviceBackend` is what the
-scheduler runs: every pipeline of one device, chosen by the request's `model`.
+points) or a detector alone (boxes from text, and exemplars where the detector takes them). A
+`ConceptPipeline` is one concept segmenter (text and exemplars -> instances with masks).
+`DeviceBackend` is what the scheduler runs: every pipeline of one device, chosen by the request's `model`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
+from tunnelvision.boxes import batched_nms
 from tunnelvision.engine import results
 from tunnelvision.engine.backend import Ability, BackendInfo, Check, ModelPart, PipelineSummary, no_deadline
-from tunnelvision.errors import DeviceOutOfMemory
+from tunnelvision.errors import DeviceOutOfMemory, InvalidInput
 from tunnelvision.imaging import RGBImage
-from tunnelvision.masks import batched_nms
 from tunnelvision.models.loading import free_device_memory
-from tunnelvision.models.roles import Boxes, Detector, Instances, Segmenter, SegmentPrompt
+from tunnelvision.models.roles import (
+    Boxes,
+    ConceptSegmenter,
+    Detector,
+    Exemplar,
+    ExemplarDetector,
+    Instances,
+    Masks,
+    Segmenter,
+    SegmentPrompt,
+)
 from tunnelvision.schemas import Detection, DetectParams, SegmentParams
 
 
@@ -65,6 +75,8 @@ class ComposedPipeline:
         abilities: set[Ability] = set()
         if detector is not None:
             abilities.add("text")
+            if getattr(detector, "takes_exemplars", False):
+                abilities.add("exemplars")
         if segmenter is not None:
             abilities |= {"boxes", "points", "masks"}
         self.summary = PipelineSummary(name, frozenset(abilities), models)
@@ -75,8 +87,12 @@ class ComposedPipeline:
         self, image: RGBImage, params: DetectParams, image_id: str = "", check: Check = no_deadline
     ) -> Prepared:
         self.summary.check(params)
+        exemplars = exemplars_inside(image, params)
         detector_inputs = segmenter_inputs = None
-        if params.phrases and self.detector is not None:
+        if exemplars and self.detector is not None:  # the summary's check: it takes them
+            detector = cast(ExemplarDetector, self.detector)
+            detector_inputs = detector.prepare_with_exemplars(image, params.phrases, exemplars, check)
+        elif params.phrases and self.detector is not None:
             detector_inputs = self.detector.prepare(image, params.phrases, check)
         if isinstance(params, SegmentParams) and self.segmenter is not None:
             check()  # each processor resizes and normalises the whole image
@@ -159,15 +175,97 @@ def segment_prompt(params: DetectParams) -> SegmentPrompt:
 
 def select_detections(candidates: Boxes, params: DetectParams) -> Instances:
     """Thresholds, class-aware NMS and the best `max_detections`, the same for every detector."""
+    kept = selected(candidates, params)
+    return Instances(
+        candidates.boxes[kept].cpu(), candidates.scores[kept].cpu(), candidates.phrase_ids[kept].cpu()
+    )
+
+
+def selected(candidates: Boxes, params: DetectParams) -> torch.Tensor:
+    """The indices of the candidates that pass the thresholds, NMS and `max_detections`, best first."""
     boxes, scores, phrase_ids = candidates.boxes, candidates.scores, candidates.phrase_ids
-    keep = (scores >= params.box_threshold) & (scores >= params.text_threshold)
-    boxes, scores, phrase_ids = boxes[keep], scores[keep], phrase_ids[keep]
+    passing = ((scores >= params.box_threshold) & (scores >= params.text_threshold)).nonzero()[:, 0]
+    boxes, scores, phrase_ids = boxes[passing], scores[passing], phrase_ids[passing]
     if params.nms_iou < 1.0:
         kept = batched_nms(boxes, scores, phrase_ids, params.nms_iou)
     else:
         kept = scores.argsort(descending=True)
-    kept = kept[: params.max_detections]
-    return Instances(boxes[kept].cpu(), scores[kept].cpu(), phrase_ids[kept].cpu())
+    return passing[kept[: params.max_detections]]
+
+
+def exemplars_inside(image: RGBImage, params: DetectParams) -> list[Exemplar]:
+    """The request's exemplars as (box, label); InvalidInput for one reaching outside the image."""
+    height, width = image.shape[:2]
+    exemplars = []
+    for i, (x1, y1, x2, y2, label) in enumerate(params.exemplars or []):
+        if x2 > width or y2 > height:
+            raise InvalidInput(f"exemplar {i} reaches outside the {width}x{height} image")
+        exemplars.append(([x1, y1, x2, y2], int(label)))
+    return exemplars
+
+
+@dataclass
+class ConceptPrepared:
+    inputs: Any  # the concept segmenter's
+    masks: bool  # /v1/segment (masks wanted), not /v1/detect
+
+
+class ConceptPipeline:
+    """One concept segmenter: phrases and/or exemplar boxes -> instances with boxes and masks."""
+
+    def __init__(self, name: str, segmenter: ConceptSegmenter, models: tuple[ModelPart, ...]) -> None:
+        self.segmenter = segmenter
+        abilities: set[Ability] = {"text", "exemplars", "masks"}
+        self.summary = PipelineSummary(name, frozenset(abilities), models)
+
+    def prepare(
+        self, image: RGBImage, params: DetectParams, image_id: str = "", check: Check = no_deadline
+    ) -> ConceptPrepared:
+        self.summary.check(params)
+        exemplars = exemplars_inside(image, params)
+        inputs = self.segmenter.prepare(image, params.phrases, exemplars, image_id, check)
+        return ConceptPrepared(inputs, isinstance(params, SegmentParams))
+
+    def batch_key(self, prepared: ConceptPrepared, params: DetectParams) -> Hashable | None:
+        return self.segmenter.batch_key(prepared.inputs)
+
+    def run_batch(self, items: list[tuple[ConceptPrepared, DetectParams]]) -> list[Any]:
+        """Every candidate from the model; then the thresholds, NMS and `max_detections` of each
+        request, as for detectors, keeping the chosen instances' masks."""
+        found = self.segmenter.find_batch([p.inputs for p, _ in items])
+        answers = []
+        for (prepared, params), candidates in zip(items, found, strict=True):
+            assert candidates.scores is not None and candidates.phrase_ids is not None
+            assert candidates.masks is not None
+            kept = selected(Boxes(candidates.boxes, candidates.scores, candidates.phrase_ids), params)
+            low_res, mask_scores = candidates.masks.low_res[kept], candidates.masks.scores[kept]
+            full = None
+            if prepared.masks and self.segmenter.upscale_on_device:
+                full = self.segmenter.full_masks(low_res, prepared.inputs)
+            masks = Masks(low_res.cpu(), mask_scores.cpu(), full) if prepared.masks else None
+            answers.append(
+                Instances(
+                    candidates.boxes[kept].cpu(),
+                    candidates.scores[kept].cpu(),
+                    candidates.phrase_ids[kept].cpu(),
+                    masks,
+                )
+            )
+        return answers
+
+    def finish(
+        self, raw: Instances, params: DetectParams, prepared: ConceptPrepared, check: Check = no_deadline
+    ) -> list[Detection]:
+        if not isinstance(params, SegmentParams):
+            return results.detections(raw, params.phrases)
+        masks, segmenter = raw.masks, self.segmenter
+        if masks is None:
+            return []
+        upscale = lambda i: segmenter.upscale(masks.low_res[i], prepared.inputs)  # noqa: E731
+        return list(results.segmentations(raw, params.phrases, params.mask_format, upscale, check=check))
+
+    def caches(self) -> list[Cached]:
+        return [self.segmenter]
 
 
 @dataclass

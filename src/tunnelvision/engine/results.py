@@ -58,7 +58,8 @@ def segmentations(
 def _labels(found: Instances, phrases: Sequence[str], count: int) -> list[str | None]:
     if found.phrase_ids is None:
         return [None] * count
-    return [phrases[int(i)] for i in found.phrase_ids]
+    # A negative id (EXEMPLAR_PHRASE): found by exemplar boxes alone, so it has no label.
+    return [phrases[int(i)] if i >= 0 else None for i in found.phrase_ids]
 
 
 def _box(box: Any) -> list[float]:

@@ -3,6 +3,7 @@
 Each model's family is read from its checkpoint's config before any weights load, so a wrong
 spec fails in seconds. A model used by several pipelines of one device is loaded once.
 `--demo` swaps in tiny random checkpoints (written once) for the grounded-sam pipeline.
+`replace_pipeline` loads one pipeline afresh beside the served ones, for a reload.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tunnelvision import __version__
 from tunnelvision.config import GROUNDED_SAM, PipelineSpec, Settings
 from tunnelvision.engine.backend import Backend, ModelPart
-from tunnelvision.engine.pipeline import ComposedPipeline, DeviceBackend, Pipeline
-from tunnelvision.errors import ModelUnavailable
+from tunnelvision.engine.engine import Swap
+from tunnelvision.engine.pipeline import Cached, ComposedPipeline, ConceptPipeline, DeviceBackend, Pipeline
+from tunnelvision.errors import ModelUnavailable, ReloadFailed
 from tunnelvision.models.loading import (
     LoadOptions,
     ModelSource,
@@ -63,11 +67,53 @@ def build_backends(settings: Settings) -> list[Backend]:
     ]
     for spec, parts in resolved:
         check_roles(spec.name, parts)
-    options = LoadOptions(settings.attention, settings.compile, settings.sam_chunk_size, settings.cache_bytes)
+    options = load_options(settings)
     # One copy of each model per device, and one device worker each; the scheduler feeds whichever is free.
     return [
         build_device_backend(resolved, device, settings.dtype, options) for device in settings.device_list
     ]
+
+
+def load_options(settings: Settings) -> LoadOptions:
+    return LoadOptions(settings.attention, settings.compile, settings.sam_chunk_size, settings.cache_bytes)
+
+
+def replace_pipeline(settings: Settings, spec: PipelineSpec, current: Sequence[Backend]) -> Swap:
+    """For a reload: pipeline `spec.name` loaded afresh on each device of `current` (every part,
+    even a source that did not change: its files may have), in new backends where the other
+    pipelines keep their very model objects."""
+    served = [backend for backend in current if isinstance(backend, DeviceBackend)]
+    if len(served) != len(current):
+        raise ReloadFailed("this server runs a simulated device: it has no weights to reload")
+    _quiet_transformers()
+    parts = [resolve_checkpoint(part, "pipeline") for part in spec.parts]
+    check_roles(spec.name, parts)
+    options = load_options(settings)
+    fresh = [build_device_backend([(spec, parts)], b.device, b.info.dtype, options) for b in served]
+    backends = [with_pipeline(old, new.pipelines[spec.name]) for old, new in zip(served, fresh, strict=True)]
+    return Swap(backends, partial(clear_retired_caches, backends))
+
+
+def with_pipeline(backend: DeviceBackend, pipeline: Pipeline) -> DeviceBackend:
+    """The device's pipelines, `pipeline` in place of its namesake and the others unchanged."""
+    name = pipeline.summary.name
+    pipelines = [pipeline if p.summary.name == name else p for p in backend.pipelines.values()]
+    return DeviceBackend(pipelines, backend.device, backend.info.dtype)
+
+
+def clear_retired_caches(kept: Sequence[DeviceBackend], retired: Sequence[Backend]) -> None:
+    """Empty the embedding caches of retired models; a model the kept backends still use (shared
+    with another pipeline) keeps its cache."""
+    in_use = {id(cache) for backend in kept for cache in caches_of(backend)}
+    for backend in retired:
+        if isinstance(backend, DeviceBackend):
+            for cache in caches_of(backend):
+                if id(cache) not in in_use:
+                    cache.clear_cache()
+
+
+def caches_of(backend: DeviceBackend) -> list[Cached]:
+    return [cache for pipeline in backend.pipelines.values() for cache in pipeline.caches()]
 
 
 def served_pipelines(settings: Settings) -> list[PipelineSpec]:
@@ -97,7 +143,7 @@ def check_roles(name: str, parts: list[Checkpoint]) -> None:
     if len(parts) == 2 and roles != ["detector", "segmenter"]:
         described = " + ".join(f"'{p.source.source}' ({p.model_type}, a {p.role})" for p in parts)
         raise ModelUnavailable(f"pipeline '{name}': {described}; a pair must be DETECTOR+SEGMENTER")
-    if len(parts) == 1 and roles[0] not in ("detector", "segmenter"):
+    if len(parts) == 1 and roles[0] not in ("detector", "segmenter", "concept_segmenter"):
         raise ModelUnavailable(f"pipeline '{name}': no pipeline runs a {roles[0]} yet")
 
 
@@ -124,6 +170,9 @@ def build_device_backend(
             ModelPart(part.role, part.source.source, part.model_type, str(device), dtype_name)
             for part in parts
         )
+        if "concept_segmenter" in models:  # one model that finds and cuts: SAM 3
+            pipelines.append(ConceptPipeline(spec.name, models["concept_segmenter"], cards))
+            continue
         pipelines.append(ComposedPipeline(spec.name, models.get("detector"), models.get("segmenter"), cards))
     return DeviceBackend(pipelines, str(device), dtype_name)
 

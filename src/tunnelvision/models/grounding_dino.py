@@ -13,12 +13,12 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 from tunnelvision.engine.backend import Check, no_deadline
 from tunnelvision.errors import InvalidInput
 from tunnelvision.imaging import RGBImage
+from tunnelvision.models.base import Family
 from tunnelvision.models.loading import (
     LoadOptions,
     ModelSource,
     load_model,
     load_pretrained,
-    memory_allocated,
     processor_kwargs,
     to_device,
 )
@@ -36,14 +36,14 @@ class DetectorInputs:
     phrase_spans: list[tuple[int, int]]  # token [start, end) of each phrase
 
 
-class GroundingDino:
+class GroundingDino(Family):
     role: ClassVar[Role] = "detector"
     family: ClassVar[str] = "grounding-dino"
 
     def __init__(
         self, source: ModelSource, device: torch.device, dtype: torch.dtype, options: LoadOptions
     ) -> None:
-        self.source, self.device, self.dtype = source.source, device, dtype
+        super().__init__(source, device, dtype)
         self.processor = load_pretrained(
             AutoProcessor.from_pretrained, source, "detector", **processor_kwargs()
         )
@@ -78,9 +78,6 @@ class GroundingDino:
             phrase_boxes(outputs.logits[row], outputs.pred_boxes[row], item)
             for row, item in enumerate(prepared)
         ]
-
-    def memory_allocated(self) -> int | None:
-        return memory_allocated(self.device)
 
 
 def phrase_boxes(logits: torch.Tensor, pred_boxes: torch.Tensor, prepared: DetectorInputs) -> Boxes:

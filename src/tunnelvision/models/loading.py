@@ -149,3 +149,12 @@ def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def torchvision_importable() -> bool:
+    # Installed is not enough: a torchvision built for another torch fails at import.
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True

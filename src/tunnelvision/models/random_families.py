@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tunnelvision.models import loading
 from tunnelvision.models.random import (
     GROUNDING_CLASSES,
     PROMPT_WORDS,
@@ -63,17 +64,8 @@ def build_model(recipe: Recipe, size: Size) -> Any:
     return getattr(transformers, recipe.model_class)(recipe.config(size))
 
 
-def torchvision_importable() -> bool:
-    # Installed is not enough: a torchvision built for another torch fails at import.
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        return False
-    return True
-
-
 def require_torchvision_for(family: str) -> None:
-    if family in NEEDS_TORCHVISION and not torchvision_importable():
+    if family in NEEDS_TORCHVISION and not loading.torchvision_importable():
         raise TorchvisionRequired(
             f"{family} checkpoints need torchvision: its stock transformers processor has no "
             "PIL version. Install a torchvision that imports with this torch "

@@ -26,6 +26,9 @@ FAMILIES: dict[str, FamilyRef] = {
     "grounding-dino": FamilyRef("grounding_dino", "GroundingDino"),
     "mm-grounding-dino": FamilyRef("grounding_dino", "GroundingDino"),  # MM-Grounding-DINO, LLMDet
     "sam": FamilyRef("sam", "Sam"),
+    "sam2": FamilyRef("sam2", "Sam2"),  # SAM 2 and SAM 2.1 checkpoints both say sam2
+    "owlv2": FamilyRef("owlv2", "Owlv2"),
+    "sam3": FamilyRef("sam3", "Sam3"),
 }
 
 

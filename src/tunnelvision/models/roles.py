@@ -20,6 +20,8 @@ from tunnelvision.imaging import RGBImage
 
 Role = Literal["detector", "segmenter", "concept_segmenter"]
 BoolMask = np.ndarray  # (height, width) bool, full size
+Exemplar = tuple[list[float], int]  # ([x1, y1, x2, y2] in original pixels, 1 more like this / 0 not this)
+EXEMPLAR_PHRASE = -1  # the phrase id of what exemplars alone found (it has no label)
 
 
 @dataclass
@@ -112,17 +114,38 @@ class ConceptSegmenter(Model, Protocol):
         self,
         image: RGBImage,
         phrases: list[str],
-        exemplars: list[tuple[list[float], int]],
+        exemplars: list[Exemplar],
         image_id: str = "",
         check: Check = no_deadline,
     ) -> Any: ...
 
     def batch_key(self, prepared: Any) -> Hashable: ...
 
-    def find_batch(self, prepared: list[Any]) -> list[Instances]: ...
+    # On a GPU the pipeline has the chosen masks upscaled there (`full_masks`), many at once.
+    upscale_on_device: bool
+
+    def find_batch(self, prepared: list[Any]) -> list[Instances]:
+        """Every candidate instance (thresholds and NMS are the pipeline's), masks as low-res
+        logits with the instance's score as mask score."""
+        ...
+
+    def full_masks(self, low_res: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """(n, h, w) logits -> (n, height, width) bool masks of the original image, on the CPU."""
+        ...
 
     def upscale(self, low_res: torch.Tensor, prepared: Any) -> BoolMask: ...
 
     def cache_stats(self) -> dict[str, int]: ...
 
     def clear_cache(self) -> None: ...
+
+
+class ExemplarDetector(Detector, Protocol):
+    """A detector that also finds things like example boxes of the same image (OWLv2's
+    image-guided mode). What exemplars alone find has the phrase id EXEMPLAR_PHRASE."""
+
+    takes_exemplars: ClassVar[bool]
+
+    def prepare_with_exemplars(
+        self, image: RGBImage, phrases: list[str], exemplars: list[Exemplar], check: Check = no_deadline
+    ) -> Any: ...

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoProcessor, SamModel
 
 from tunnelvision.engine.backend import Check, no_deadline
-from tunnelvision.engine.cache import ByteLRU
 from tunnelvision.imaging import RGBImage
+from tunnelvision.models.base import Family, ImageCache, tensor_bytes_of
 from tunnelvision.models.loading import (
     LoadOptions,
     ModelSource,
     load_model,
     load_pretrained,
-    memory_allocated,
     processor_kwargs,
     to_device,
 )
@@ -37,17 +36,68 @@ class SamInputs:
 MASKS_PER_UPSCALE = 16
 
 
-class Sam:
+class PromptableSegmenter(Family):
+    """SAM-style segmenters: one cached image encoding per image, then a decoder pass per chunk of
+    prompts. Subclasses encode (`_embeddings`), decode (`_segment`) and upscale (`full_masks`)."""
+
+    embeddings: ImageCache[Any]
+    upscale_on_device: bool
+
+    def segment_batch(self, items: list[tuple[Any, SegmentPrompt]]) -> list[Masks]:
+        """On a GPU the masks are upscaled and thresholded there, many at once, and only the final
+        bool masks cross to the CPU. On the CPU that would only move the same work into the
+        device worker, out of reach of the request's deadline (and it measured slower than one
+        mask at a time), so the finish step upscales them one by one instead."""
+        embeddings = self._embeddings([prepared for prepared, _ in items])
+        answers = []
+        for embedding, (prepared, prompt) in zip(embeddings, items, strict=True):
+            masks = self._segment(embedding, prepared, prompt)
+            full = self.full_masks(masks.low_res, prepared) if self.upscale_on_device else None
+            answers.append(Masks(masks.low_res.cpu(), masks.scores.cpu(), full))
+        return answers
+
+    def _embeddings(self, prepared: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _segment(self, embedding: Any, prepared: Any, prompt: SegmentPrompt) -> Masks:
+        raise NotImplementedError
+
+    def upscale(self, low_res: torch.Tensor, prepared: Any) -> BoolMask:
+        mask: BoolMask = self.full_masks(low_res[None], prepared)[0].numpy()
+        return mask
+
+    def full_masks(self, low_res: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """(n, h, w) logits -> (n, height, width) bool masks of the original image, on the CPU.
+        The processor's own upscaling, run where `low_res` lives (the device), many masks per
+        call; chunks bound the float copies it makes at full size."""
+        parts = low_res.split(MASKS_PER_UPSCALE)
+        chunks = [self._upscaled(chunk[:, None], prepared)[:, 0].cpu() for chunk in parts]
+        if not chunks:
+            return torch.zeros((0, prepared.height, prepared.width), dtype=torch.bool)
+        return torch.cat(chunks)
+
+    def _upscaled(self, masks: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """(n, 1, h, w) logits -> (n, 1, height, width) bool, by the family's processor."""
+        raise NotImplementedError
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.embeddings.stats()
+
+    def clear_cache(self) -> None:
+        self.embeddings.clear()
+
+
+class Sam(PromptableSegmenter):
     role: ClassVar[Role] = "segmenter"
     family: ClassVar[str] = "sam"
 
     def __init__(
         self, source: ModelSource, device: torch.device, dtype: torch.dtype, options: LoadOptions
     ) -> None:
-        self.source, self.device, self.dtype = source.source, device, dtype
+        super().__init__(source, device, dtype)
         self.chunk_size = options.sam_chunk_size
         self.upscale_on_device = device.type != "cpu"
-        self.embeddings: ByteLRU[torch.Tensor] = ByteLRU(options.cache_bytes)
+        self.embeddings: ImageCache[torch.Tensor] = ImageCache(self, options.cache_bytes, tensor_bytes_of)
         self.processor = load_pretrained(
             AutoProcessor.from_pretrained, source, "segmenter", **processor_kwargs()
         )
@@ -65,23 +115,11 @@ class Sam:
         new_h, new_w = (int(v) for v in inputs["reshaped_input_sizes"][0])
         return SamInputs(height, width, inputs["pixel_values"], (new_w / width, new_h / height), image_id)
 
-    def upscale(self, low_res: torch.Tensor, prepared: SamInputs) -> BoolMask:
-        mask: BoolMask = self.full_masks(low_res[None], prepared)[0].numpy()
-        return mask
-
-    def full_masks(self, low_res: torch.Tensor, prepared: SamInputs) -> torch.Tensor:
-        """(n, h, w) logits -> (n, height, width) bool masks of the original image, on the CPU.
-        The processor's own upscaling, run where `low_res` lives (the device), many masks per
-        call; chunks bound the float copies it makes at full size."""
+    def _upscaled(self, masks: torch.Tensor, prepared: SamInputs) -> torch.Tensor:
         reshaped = [[round(prepared.height * prepared.scale[1]), round(prepared.width * prepared.scale[0])]]
         original = [[prepared.height, prepared.width]]
-        chunks = [
-            self.processor.post_process_masks([chunk[:, None]], original, reshaped)[0][:, 0].cpu()
-            for chunk in low_res.split(MASKS_PER_UPSCALE)
-        ]
-        if not chunks:
-            return torch.zeros((0, prepared.height, prepared.width), dtype=torch.bool)
-        return torch.cat(chunks)
+        upscaled: torch.Tensor = self.processor.post_process_masks([masks], original, reshaped)[0]
+        return upscaled
 
     # -- device ----------------------------------------------------------------------------
 
@@ -89,36 +127,11 @@ class Sam:
         """Every image is resized and padded to one square, so all of them batch exactly."""
         return tuple(prepared.pixels.shape)
 
-    def segment_batch(self, items: list[tuple[SamInputs, SegmentPrompt]]) -> list[Masks]:
-        """On a GPU the masks are upscaled and thresholded there, many at once, and only the final
-        bool masks cross to the CPU. On the CPU that would only move the same work into the
-        device worker, out of reach of the request's deadline (and it measured slower than one
-        mask at a time), so the finish step upscales them one by one instead."""
-        embeddings = self._embeddings([prepared for prepared, _ in items])
-        answers = []
-        for embedding, (prepared, prompt) in zip(embeddings, items, strict=True):
-            masks = self._segment(embedding, prepared, prompt)
-            full = self.full_masks(masks.low_res, prepared) if self.upscale_on_device else None
-            answers.append(Masks(masks.low_res.cpu(), masks.scores.cpu(), full))
-        return answers
-
     def _embeddings(self, prepared: list[SamInputs]) -> list[torch.Tensor]:
         """Image embeddings from the cache, the misses encoded together in one batch."""
-        found = [self.embeddings.get(self._embedding_key(p)) if p.image_id else None for p in prepared]
-        missing = [i for i, embedding in enumerate(found) if embedding is None]
-        if missing:
-            pixels = torch.cat([prepared[i].pixels for i in missing])
-            encoded = self.model.get_image_embeddings(pixels.to(self.device, self.dtype))
-            for i, embedding in zip(missing, encoded, strict=True):
-                embedding = embedding[None].clone()
-                found[i] = embedding
-                if prepared[i].image_id:
-                    size = embedding.numel() * embedding.element_size()
-                    self.embeddings.put(self._embedding_key(prepared[i]), embedding, size)
-        return [e for e in found if e is not None]
-
-    def _embedding_key(self, prepared: SamInputs) -> Hashable:
-        return (prepared.image_id, self.source, str(self.dtype), tuple(prepared.pixels.shape))
+        return self.embeddings.fetch(
+            prepared, lambda pixels: [e[None].clone() for e in self.model.get_image_embeddings(pixels)]
+        )
 
     def _segment(self, embeddings: torch.Tensor, prepared: SamInputs, prompt: SegmentPrompt) -> Masks:
         scale = torch.tensor(prepared.scale * 2)
@@ -136,16 +149,13 @@ class Sam:
 
     def _decode(self, embeddings: torch.Tensor, multimask: bool, **prompts: torch.Tensor) -> Masks:
         out = self.model(image_embeddings=embeddings, multimask_output=multimask, **prompts)
-        masks, ious = out.pred_masks[0].float(), out.iou_scores[0].float()  # (n, k, h, w), (n, k)
-        best = ious.argmax(dim=1)
-        rows = torch.arange(masks.shape[0], device=masks.device)
-        return Masks(masks[rows, best], ious[rows, best])  # still on the device
+        return best_masks(out.pred_masks[0], out.iou_scores[0])
 
-    def cache_stats(self) -> dict[str, int]:
-        return self.embeddings.stats()
 
-    def clear_cache(self) -> None:
-        self.embeddings.clear()
-
-    def memory_allocated(self) -> int | None:
-        return memory_allocated(self.device)
+def best_masks(pred_masks: torch.Tensor, iou_scores: torch.Tensor) -> Masks:
+    """Of the k masks a SAM-style decoder proposes per prompt, (n, k, h, w) with scores (n, k),
+    the one with the best predicted IoU; left on the device."""
+    masks, ious = pred_masks.float(), iou_scores.float()
+    best = ious.argmax(dim=1)
+    rows = torch.arange(masks.shape[0], device=masks.device)
+    return Masks(masks[rows, best], ious[rows, best])

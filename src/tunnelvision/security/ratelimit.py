@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -62,7 +61,3 @@ class InflightLimiter:
                 self._counts[client] = remaining
             else:
                 self._counts.pop(client, None)
-
-
-def retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))

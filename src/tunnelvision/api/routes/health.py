@@ -12,7 +12,14 @@ from tunnelvision.api.errors import request_id
 from tunnelvision.api.openapi import error_responses
 from tunnelvision.api.state import AppState
 from tunnelvision.engine.backend import PipelineSummary
-from tunnelvision.schemas import ErrorResponse, ModelInfo, ModelsResponse, PipelineInfo, PipelineModel
+from tunnelvision.engine.engine import Engine, Loaded
+from tunnelvision.schemas import (
+    ErrorResponse,
+    ModelInfo,
+    ModelsResponse,
+    PipelineInfo,
+    PipelineModel,
+)
 
 router = APIRouter(tags=["health"])
 
@@ -79,22 +86,20 @@ def readiness_detail(request: Request, state: AppState, reason: str | None) -> d
 @router.get(
     "/v1/models",
     response_model=ModelsResponse,
-    summary="The pipelines being served: their models, devices, dtypes and abilities",
+    summary="The pipelines being served: their models, sources, devices, dtypes and abilities",
     description=(
         "Requests choose a pipeline by its name in `model`; the one marked `default` serves the "
         "others. `abilities` says what each takes (text, boxes, points, exemplars) and whether it "
-        "makes masks. `detector` and `segmenter` repeat the default pipeline's, for older clients."
+        "makes masks. `source`, `generation` and `loaded_at` say which weights serve and since "
+        "when (a reload adds one to `generation`). `detector` and `segmenter` repeat the default "
+        "pipeline's, for older clients."
     ),
     dependencies=DOCUMENTED_AUTH,
     responses=error_responses(503),
 )
 async def models(state: StateDep) -> ModelsResponse:
     engine = state.ready_engine()
-    devices = ",".join(dict.fromkeys(engine.devices))  # one copy of every model on each device
-    pipelines = [
-        pipeline_info(pipeline, index == 0, devices if len(engine.devices) > 1 else None)
-        for index, pipeline in enumerate(engine.info.pipelines)
-    ]
+    pipelines = [served_pipeline_info(engine, pipeline.name) for pipeline in engine.info.pipelines]
     default = pipelines[0].models
     return ModelsResponse(
         pipelines=pipelines,
@@ -104,7 +109,20 @@ async def models(state: StateDep) -> ModelsResponse:
     )
 
 
-def pipeline_info(pipeline: PipelineSummary, default: bool, devices: str | None) -> PipelineInfo:
+def served_pipeline_info(engine: Engine, name: str) -> PipelineInfo:
+    """Pipeline `name` as it serves now (for /v1/models and a reload's answer)."""
+    devices = ",".join(dict.fromkeys(engine.devices))  # one copy of every model on each device
+    return pipeline_info(
+        engine.served_pipeline(name),
+        name == engine.info.default,
+        devices if len(engine.devices) > 1 else None,
+        engine.loaded[name],
+    )
+
+
+def pipeline_info(
+    pipeline: PipelineSummary, default: bool, devices: str | None, loaded: Loaded
+) -> PipelineInfo:
     models = [
         PipelineModel(
             role=part.role,
@@ -116,7 +134,13 @@ def pipeline_info(pipeline: PipelineSummary, default: bool, devices: str | None)
         for part in pipeline.models
     ]
     return PipelineInfo(
-        name=pipeline.name, default=default, abilities=sorted(pipeline.abilities), models=models
+        name=pipeline.name,
+        default=default,
+        abilities=sorted(pipeline.abilities),
+        models=models,
+        source="+".join(part.source for part in pipeline.models),
+        generation=loaded.generation,
+        loaded_at=loaded.at.isoformat(timespec="seconds"),
     )
 
 

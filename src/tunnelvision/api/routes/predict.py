@@ -97,7 +97,7 @@ async def json_response(model: BaseModel) -> Response:
 
 add_prediction_route(
     "/detect",
-    "Boxes for the phrases of a text prompt (the pipeline's detector)",
+    "Boxes for a text prompt and/or exemplar boxes (the pipeline's detector or concept model)",
     DetectRequestParams,
     DetectJSONRequest,
     DetectResponse,
@@ -106,7 +106,8 @@ add_prediction_route(
 )
 add_prediction_route(
     "/segment",
-    "Masks from a text prompt (detector + segmenter), from boxes or from points (segmenter)",
+    "Masks from a text prompt and/or exemplars (detector + segmenter, or a concept model like SAM 3), "
+    "from boxes or from points (segmenter)",
     SegmentParams,
     SegmentJSONRequest,
     SegmentResponse,
