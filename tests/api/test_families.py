@@ -24,7 +24,7 @@ from tunnelvision.models.factory import build_backends
 from tunnelvision.models.random_families import write_random_family
 from tunnelvision.schemas import DetectParams, SegmentParams
 
-NEW_FAMILIES = ("owlv2", "sam2", "sam3")
+NEW_FAMILIES = ("mm-grounding-dino", "owlv2", "sam2", "sam3")
 WIDTH, HEIGHT = 64, 48
 PNG = image_bytes(WIDTH, HEIGHT)
 BOX: list[float] = [4, 4, 40, 30]
@@ -45,6 +45,7 @@ def pipeline_flags(families: dict[str, Path]) -> list[str]:
         "owl": f"{families['owlv2']}",
         "owl-sam2": f"{families['owlv2']}+{families['sam2']}",
         "sam3": f"{families['sam3']}",
+        "mm-sam2": f"{families['mm-grounding-dino']}+{families['sam2']}",
     }
     return [flag for name, spec in specs.items() for flag in ("--pipeline", f"{name}={spec}")]
 
@@ -359,3 +360,25 @@ def test_sam3_reuses_the_vision_features_for_a_second_prompt(backend: DeviceBack
     second = SegmentParams(model="sam3", exemplars=[[5, 5, 60, 70, 1]], box_threshold=0.0, text_threshold=0.0)
     backend.run(backend.prepare(pixels, second, image_id="img-9"), second)
     assert backend.cache_stats()["hits"] == hits + 2 and backend.cache_stats()["entries"] == 1
+
+
+def test_mm_grounding_dino_finds_and_sam2_cuts_from_text(url: str) -> None:
+    """An MM-Grounding-DINO / LLMDet checkpoint is served by the GroundingDINO family, here with
+    SAM 2.1 as its segmenter: text in, labelled boxes and masks out, every mask format."""
+    models = {p["name"]: p for p in httpx.get(f"{url}/v1/models", timeout=10).json()["pipelines"]}
+    assert [m["family"] for m in models["mm-sam2"]["models"]] == ["mm-grounding-dino", "sam2"]
+    for mask_format in ("rle", "polygon", "png", "none"):
+        found = ok(
+            post(
+                url,
+                "/v1/segment",
+                model="mm-sam2",
+                prompt="cat . dog",
+                box_threshold=0,
+                text_threshold=0,
+                max_detections=3,
+                mask_format=mask_format,
+            )
+        )
+        assert len(found) == 3 and {d["label"] for d in found} <= {"cat", "dog"}
+        assert all((d["mask"] is None) == (mask_format == "none") for d in found)
