@@ -22,7 +22,7 @@ from support import FakeBackend, ThreadServer, cli_server, image_bytes, make_set
 from tunnelvision.client import AsyncClient, Client, InvalidRequest
 from tunnelvision.config import PipelineSpec, Settings
 from tunnelvision.engine.backend import Backend
-from tunnelvision.engine.engine import Swap
+from tunnelvision.engine.reload import Swap
 from tunnelvision.models.factory import build_backends, replace_pipeline
 from tunnelvision.models.random import write_random_models
 from tunnelvision.security.keys import KeyStore

@@ -10,7 +10,8 @@ from typing import Any
 
 from tunnelvision.config import PipelineSpec, Settings, parse_pipeline
 from tunnelvision.engine.backend import Backend, PipelineSummary
-from tunnelvision.engine.engine import Engine, EngineConfig, Reloaded, Swap
+from tunnelvision.engine.engine import Engine, EngineConfig
+from tunnelvision.engine.reload import Reloaded, Swap
 from tunnelvision.errors import InvalidInput, ModelUnavailable, NotReady, ShuttingDown, WorkerUnavailable
 from tunnelvision.jobs.runner import JobRunner
 from tunnelvision.jobs.store import JobStore

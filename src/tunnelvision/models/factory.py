@@ -21,8 +21,8 @@ from typing import Any
 from tunnelvision import __version__
 from tunnelvision.config import GROUNDED_SAM, PipelineSpec, Settings
 from tunnelvision.engine.backend import Backend, ModelPart
-from tunnelvision.engine.engine import Swap
 from tunnelvision.engine.pipeline import Cached, ComposedPipeline, ConceptPipeline, DeviceBackend, Pipeline
+from tunnelvision.engine.reload import Swap
 from tunnelvision.errors import ModelUnavailable, ReloadFailed
 from tunnelvision.models.loading import (
     LoadOptions,

@@ -12,7 +12,8 @@ from tunnelvision.api.errors import request_id
 from tunnelvision.api.openapi import error_responses
 from tunnelvision.api.state import AppState
 from tunnelvision.engine.backend import PipelineSummary
-from tunnelvision.engine.engine import Engine, Loaded
+from tunnelvision.engine.engine import Engine
+from tunnelvision.engine.reload import Loaded
 from tunnelvision.schemas import (
     ErrorResponse,
     ModelInfo,
