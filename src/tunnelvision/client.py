@@ -33,6 +33,7 @@ from tunnelvision.schemas import (
     ModelsResponse,
     ReloadResponse,
     SegmentResponse,
+    normalize_prompt,
 )
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
@@ -160,6 +161,14 @@ class Call:
         if self.files is None:  # image_id only: no file to upload, so JSON
             return {"json": {k: _json_value(v) for k, v in self.data.items()}}
         return {"files": self.files, "data": self.data}
+
+
+def with_phrases(result: M, call: Call) -> M:
+    """A detect/segment answer that remembers its request's phrases: `to_supervision()` numbers
+    class ids in them."""
+    if isinstance(result, DetectResponse | SegmentResponse):
+        result._phrases = normalize_prompt(call.data.get("prompt"))
+    return result
 
 
 def job_call(images: list[ImageInput], prompt: str | list[str], options: dict[str, Any]) -> Call:
@@ -331,7 +340,7 @@ class Client(_Base):
         return self._http.get("/readyz").status_code == 200
 
     def _model(self, model: type[M], call: Call) -> M:
-        return model.model_validate(self._send("POST", call).json())
+        return with_phrases(model.model_validate(self._send("POST", call).json()), call)
 
     def _send(self, method: str, call: Call) -> httpx.Response:
         attempt = 0
@@ -434,7 +443,7 @@ class AsyncClient(_Base):
         return JobStatus.model_validate(response.json())
 
     async def _model(self, model: type[M], call: Call) -> M:
-        return model.model_validate((await self._send("POST", call)).json())
+        return with_phrases(model.model_validate((await self._send("POST", call)).json()), call)
 
     async def _send(self, method: str, call: Call) -> httpx.Response:
         attempt = 0

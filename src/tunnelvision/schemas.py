@@ -199,7 +199,21 @@ _TIMINGS_EXAMPLE: dict[str, Any] = {
 }
 
 
-class DetectResponse(BaseModel):
+class Answer(BaseModel):
+    """What detect and segment answers share beyond their fields: conversion for supervision."""
+
+    _phrases: list[str] | None = None  # the request's phrases, where the client knows them
+
+    def to_supervision(self, classes: str | list[str] | None = None) -> Any:
+        """This answer as an `sv.Detections` (`pip install 'tunnelvision[supervision]'`); class_id
+        counts in `classes` (default: the request's phrases), -1 for detections without a label."""
+        from tunnelvision.integrations.supervision import to_detections
+
+        assert isinstance(self, DetectResponse | SegmentResponse)
+        return to_detections(self, classes)
+
+
+class DetectResponse(Answer):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -219,7 +233,7 @@ class DetectResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
-class SegmentResponse(BaseModel):
+class SegmentResponse(Answer):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
