@@ -83,19 +83,51 @@ def test_the_playground_may_run_exactly_its_own_script_and_style(keyed: tuple[Th
     assert set(policy["img-src"]) == {"'self'", "blob:", "data:"}  # the picked file, PNG masks
 
 
-def test_the_docs_may_load_swagger_and_redoc_from_their_cdn_only(keyed: tuple[ThreadServer, str]) -> None:
+def test_the_docs_load_swagger_and_redoc_from_this_server_only(keyed: tuple[ThreadServer, str]) -> None:
     server, _ = keyed
     swagger = httpx.get(f"{server.url}/docs")
     policy = assert_hardened(swagger)
-    assert 'src="https://cdn.jsdelivr.net/npm/swagger-ui-dist' in swagger.text
-    assert policy["script-src"] == ["https://cdn.jsdelivr.net", inline_hash(swagger.text, "script")]
+    assert "https://" not in swagger.text  # no CDN, no fonts: the assets come from here
+    assert policy["script-src"] == ["'self'", inline_hash(swagger.text, "script")]
     assert "'unsafe-inline'" not in policy["script-src"] and "'unsafe-eval'" not in policy["script-src"]
     assert policy["connect-src"] == ["'self'"]  # /openapi.json and "Try it out"
     redoc = httpx.get(f"{server.url}/redoc")
     policy = assert_hardened(redoc)
-    assert policy["script-src"] == ["https://cdn.jsdelivr.net"] and policy["worker-src"] == ["blob:"]
+    assert "https://" not in redoc.text
+    assert policy["script-src"] == ["'self'"] and policy["worker-src"] == ["blob:"]
+    for page in (swagger, redoc):
+        assert not any("://" in src for sources in directives(page).values() for src in sources)
     redirect = httpx.get(f"{server.url}/docs/oauth2-redirect")
     assert assert_hardened(redirect)["script-src"] == [inline_hash(redirect.text, "script")]
+
+
+def test_the_docs_assets_are_public_like_the_page_cacheable_and_only_the_listed_files(
+    keyed: tuple[ThreadServer, str],
+) -> None:
+    server, _ = keyed
+    pages = httpx.get(f"{server.url}/docs").text + httpx.get(f"{server.url}/redoc").text
+    urls = sorted(set(re.findall(r'(?:src|href)="(/docs\?asset=[^"]+)"', pages)))
+    assert len(urls) == 4  # Swagger's bundle and CSS, ReDoc's bundle, the favicon
+    kinds = set()
+    for url in urls:  # no key: public exactly when /docs is
+        asset = httpx.get(server.url + url)
+        assert asset.status_code == 200 and asset.content, url
+        assert "immutable" in asset.headers["cache-control"] and asset.headers["etag"]
+        kinds.add(asset.headers["content-type"].split(";")[0])
+    assert kinds == {"text/javascript", "text/css", "image/png"}
+    for name in ("core.py", "../core.py", "../../tunnelvision/config.py", "", "static"):
+        refused = httpx.get(f"{server.url}/docs", params={"asset": name})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", name
+
+
+def test_the_docs_assets_need_a_key_when_the_docs_do(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    key = KeyStore(keys).add("me")
+    settings = make_settings(keys_file=str(keys), public_docs=False)
+    with ThreadServer(settings, FakeBackend()) as server:
+        asset = f"{server.url}/docs?asset=swagger-ui.css"
+        assert httpx.get(asset).status_code == 401
+        assert httpx.get(asset, headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
 # -- proxy trust -------------------------------------------------------------------------------
