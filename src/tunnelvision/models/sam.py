@@ -41,7 +41,13 @@ class PromptableSegmenter(Family):
     prompts. Subclasses encode (`_embeddings`), decode (`_segment`) and upscale (`full_masks`)."""
 
     embeddings: ImageCache[Any]
-    upscale_on_device: bool
+
+    def __init__(
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype, options: LoadOptions
+    ) -> None:
+        super().__init__(source, device, dtype)
+        self.chunk_size = options.sam_chunk_size  # box prompts decoded in one call
+        self.upscale_on_device = device.type != "cpu"  # see segment_batch
 
     def segment_batch(self, items: list[tuple[Any, SegmentPrompt]]) -> list[Masks]:
         """On a GPU the masks are upscaled and thresholded there, many at once, and only the final
@@ -94,9 +100,7 @@ class Sam(PromptableSegmenter):
     def __init__(
         self, source: ModelSource, device: torch.device, dtype: torch.dtype, options: LoadOptions
     ) -> None:
-        super().__init__(source, device, dtype)
-        self.chunk_size = options.sam_chunk_size
-        self.upscale_on_device = device.type != "cpu"
+        super().__init__(source, device, dtype, options)
         self.embeddings: ImageCache[torch.Tensor] = ImageCache(self, options.cache_bytes, tensor_bytes_of)
         self.processor = load_pretrained(
             AutoProcessor.from_pretrained, source, "segmenter", **processor_kwargs()

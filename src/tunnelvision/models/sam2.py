@@ -56,10 +56,7 @@ class Sam2(PromptableSegmenter):
     def __init__(
         self, source: ModelSource, device: torch.device, dtype: torch.dtype, options: LoadOptions
     ) -> None:
-        super().__init__(source, device, dtype)
-        self.chunk_size = options.sam_chunk_size
-        # On a GPU masks are upscaled where they were made (see PromptableSegmenter.segment_batch).
-        self.upscale_on_device = device.type != "cpu"
+        super().__init__(source, device, dtype, options)
         require_torchvision(self.family, source.source)
         self.embeddings: ImageCache[Embedding] = ImageCache(self, options.cache_bytes, tensor_bytes)
         self.processor = load_pretrained(AutoProcessor.from_pretrained, source, "segmenter")
