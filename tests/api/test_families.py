@@ -61,6 +61,11 @@ def post(url: str, route: str, **fields: Any) -> httpx.Response:
     return httpx.post(f"{url}{route}", files={"image": ("i.png", PNG, "image/png")}, data=data, timeout=60)
 
 
+def post_open(url: str, route: str, **fields: Any) -> httpx.Response:
+    """`post` with both thresholds at 0: random weights score too low for the defaults."""
+    return post(url, route, box_threshold=0.0, text_threshold=0.0, **fields)
+
+
 def ok(response: httpx.Response) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     detections: list[dict[str, Any]] = response.json()["detections"]
@@ -130,67 +135,18 @@ def test_every_mask_format(url: str, model: str) -> None:
 
 
 def test_owlv2_detects_from_text_from_exemplars_and_from_both(url: str) -> None:
-    text = ok(
-        post(
-            url,
-            "/v1/detect",
-            model="owl",
-            prompt="cat . dog",
-            box_threshold=0.0,
-            text_threshold=0.0,
-            max_detections=5,
-        )
-    )
+    text = ok(post_open(url, "/v1/detect", model="owl", prompt="cat . dog", max_detections=5))
     assert len(text) == 5 and {d["label"] for d in text} <= {"cat", "dog"}
     assert all(0 <= x <= WIDTH and 0 <= y <= HEIGHT for d in text for x, y in (d["box"][:2], d["box"][2:]))
-    alone = ok(
-        post(
-            url,
-            "/v1/detect",
-            model="owl",
-            exemplars=[POSITIVE],
-            box_threshold=0.0,
-            text_threshold=0.0,
-            max_detections=3,
-        )
-    )
+    alone = ok(post_open(url, "/v1/detect", model="owl", exemplars=[POSITIVE], max_detections=3))
     assert len(alone) == 3 and {d["label"] for d in alone} == {None}
     both = ok(
-        post(
-            url,
-            "/v1/segment",
-            model="owl-sam2",
-            prompt="cat",
-            exemplars=[POSITIVE],
-            box_threshold=0.0,
-            text_threshold=0.0,
-            nms_iou=1.0,
-        )
+        post_open(url, "/v1/segment", model="owl-sam2", prompt="cat", exemplars=[POSITIVE], nms_iou=1.0)
     )
     assert {d["label"] for d in both} == {"cat", None} and all(d["mask"] for d in both)
     # A negative exemplar drops what matches it better than the positive: never more boxes.
-    with_negative = ok(
-        post(
-            url,
-            "/v1/detect",
-            model="owl",
-            exemplars=[POSITIVE, NEGATIVE],
-            box_threshold=0.0,
-            text_threshold=0.0,
-            nms_iou=1.0,
-        )
-    )
-    only_positive = ok(
-        post(
-            url,
-            "/v1/detect",
-            model="owl",
-            exemplars=[POSITIVE],
-            box_threshold=0.0,
-            text_threshold=0.0,
-            nms_iou=1.0,
-        )
-    )
+    with_negative = ok(post_open(url, "/v1/detect", model="owl", exemplars=[POSITIVE, NEGATIVE], nms_iou=1.0))
+    only_positive = ok(post_open(url, "/v1/detect", model="owl", exemplars=[POSITIVE], nms_iou=1.0))
     assert len(with_negative) < len(only_positive)
 
 
