@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -311,3 +313,40 @@ class JwksServer:
 
     def close(self) -> None:
         self.httpd.shutdown()
+
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_CACHE = Path(os.environ.get("TUNNELVISION_TEST_VENVS", Path.home() / ".cache" / "tunnelvision-tests"))
+
+
+def client_venv(name: str, requirements: list[str], *, with_project: bool = False) -> Path:
+    """The python of a venv of its own, for a real client whose pins are not ours (Label Studio,
+    inference-sdk) or for our base install. Made once per requirement set and kept in
+    VENV_CACHE; with `with_project`, this checkout is installed into it (without extras) on
+    every call, so the test sees today's code as a user's `pip install` would."""
+    import fcntl
+    import hashlib
+    import sys
+    import venv
+
+    pyproject = (REPO / "pyproject.toml").read_text() if with_project else ""
+    inputs = "\n".join([sys.version, *requirements, pyproject])
+    folder = VENV_CACHE / f"{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}"
+    python = folder / "bin" / "python"
+    VENV_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(VENV_CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse it
+        if not (folder / "ready").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            venv.create(folder, with_pip=True)
+            project = [str(REPO)] if with_project else []
+            _pip(python, "install", "--quiet", *requirements, *project)
+            (folder / "ready").touch()
+        elif with_project:
+            _pip(python, "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO))
+    return python
+
+
+def _pip(python: Path, *args: str) -> None:
+    done = subprocess.run([str(python), "-m", "pip", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -177,6 +177,18 @@ class Settings(BaseSettings):
         description="what a Cloudflare Access login may call (comma-separated: predict, jobs, admin)",
     )
 
+    label_studio_url: str = Field(
+        "",
+        pattern=r"^(https?://[^/?#\s]+/?)?$",
+        description="Label Studio's URL, for task images when /label-studio/setup was not called "
+        "since start (interactive calls do not send it); images come only from this host",
+    )
+    label_studio_api_key: str = Field(
+        "",
+        description="Label Studio API token for its task images (prefer the environment variable: "
+        "a flag shows in the process list)",
+    )
+
     @model_validator(mode="after")
     def _access_policy_needs_access_settings(self) -> Settings:
         if self.auth in ("access", "either", "both") and not self.access_configured:

@@ -24,7 +24,17 @@ from tunnelvision.api.middleware import (
     UnexpectedErrorMiddleware,
     access_log_sink,
 )
-from tunnelvision.api.routes import admin, health, jobs, metrics, playground, predict
+from tunnelvision.api.routes import (
+    admin,
+    health,
+    jobs,
+    label_studio,
+    metrics,
+    playground,
+    predict,
+    roboflow,
+    x_anylabeling,
+)
 from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import Settings
 from tunnelvision.metrics import Metrics
@@ -75,6 +85,9 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(playground.router)
+    app.include_router(roboflow.router)
+    app.include_router(label_studio.router)
+    app.include_router(x_anylabeling.router)
     add_middleware(app, settings, state)
     return app
 
@@ -100,7 +113,7 @@ def add_middleware(app: FastAPI, settings: Settings, state: AppState) -> None:
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            allow_headers=["Authorization", "X-API-Key", "Token", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     sinks = [metrics_sink(app, state.metrics)]

@@ -1,7 +1,9 @@
 """Who may call, how often, how much at once: one ASGI middleware in front of the routes.
 
 Order of checks: client address (proxy trust) -> authentication -> scope -> rate limit ->
-in-flight cap. None of it reads the body, so a refused client costs no upload.
+in-flight cap. None of it reads the body, so a refused client costs no upload, with one
+exception: Roboflow's inference-sdk puts its key in the JSON body, so on its routes (KEY_IN_BODY)
+a request that brings no key elsewhere has its body read (within `max_body_bytes`) for it.
 
 Scopes are decided here, in one table (SCOPE_RULES), not by each route: a protected path the
 table does not name needs `admin`, so a route added without a row is closed, not open.
@@ -13,24 +15,49 @@ that breaks or disappears keeps its last good keys (KeyStore), one that appears 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunnelvision.api.middleware import HttpMiddleware, send_error
+from tunnelvision.api.parsing import load_json
 from tunnelvision.config import Settings
-from tunnelvision.errors import Forbidden, RateLimited, TooManyInFlight, Unauthorized
+from tunnelvision.errors import (
+    Forbidden,
+    MalformedInput,
+    PayloadTooLarge,
+    RateLimited,
+    TooManyInFlight,
+    TunnelvisionError,
+    Unauthorized,
+)
 from tunnelvision.security.access import AccessDenied, AccessVerifier
 from tunnelvision.security.keys import KeyStore, parse_scopes
 from tunnelvision.security.proxy import client_address, parse_networks
 from tunnelvision.security.ratelimit import InflightLimiter, RateLimiter
 
-ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz", "/"})  # "/": the playground page (it asks for a key)
+LABEL_STUDIO_PREFIX = "/label-studio"  # Label Studio's ML backend protocol (api/routes/label_studio.py)
+X_ANYLABELING_PREFIX = "/x-anylabeling"  # X-AnyLabeling's remote server protocol
+ALWAYS_PUBLIC = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/",  # the playground page (it asks for a key)
+        f"{LABEL_STUDIO_PREFIX}/webhook",  # Label Studio sends its events without the backend's auth
+        f"{X_ANYLABELING_PREFIX}/health",  # X-AnyLabeling probes it without its key
+    }
+)
+# Roboflow Inference's routes: inference-sdk sends the key as `api_key` in the JSON body (or the
+# query). Only here is a key taken from there: query strings end up in proxies' logs.
+KEY_IN_BODY = re.compile(r"/(sam2|sam3|grounding_dino)/[a-z_]+")
 # Public, but a caller who sends valid credentials is recognised (and told more).
 OPTIONAL_AUTH = frozenset({"/readyz"})
 DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
@@ -60,6 +87,9 @@ SCOPE_RULES = (
     _rule("POST", r"/v1/models/[^/]+/reload", "admin"),  # swapping weights
     _rule("", r"/v1/jobs(/.*)?", "jobs"),
     _rule("", r"/metrics", "admin"),  # when not --public-metrics
+    _rule("", KEY_IN_BODY.pattern, "predict"),  # Roboflow-shaped routes
+    _rule("", re.escape(LABEL_STUDIO_PREFIX) + r"/.*", "predict"),
+    _rule("", re.escape(X_ANYLABELING_PREFIX) + r"/.*", "predict"),
     _rule("", "|".join(re.escape(path) for path in sorted(DOCS)), None),  # --no-public-docs
 )
 DEFAULT_SCOPE = "admin"
@@ -99,11 +129,28 @@ class Credentials:
 
     @classmethod
     def from_headers(cls, headers: Headers) -> Credentials:
-        key = headers.get("x-api-key")
-        scheme, _, value = headers.get("authorization", "").partition(" ")
-        if key is None and scheme.lower() == "bearer" and value.strip():
-            key = value.strip()
+        """A key from `X-API-Key`, `Authorization: Bearer KEY`, `Authorization: Basic` (the key is
+        the password: Label Studio can send nothing else) or `Token: KEY` (X-AnyLabeling's)."""
+        key = headers.get("x-api-key") or _authorization_key(headers.get("authorization", ""))
+        key = key or headers.get("token", "").strip()
         return cls(key or None, headers.get("cf-access-jwt-assertion") or None)
+
+    def with_key(self, key: str | None) -> Credentials:
+        return self if self.api_key is not None or not key else Credentials(key, self.access_token)
+
+
+def _authorization_key(value: str) -> str | None:
+    scheme, _, credentials = value.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        return credentials or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None  # user:password; any user name
+    return None
 
 
 class Authenticator:
@@ -227,6 +274,7 @@ class GuardMiddleware(HttpMiddleware):
         )
         self.trusted = parse_networks(settings.trusted_proxy_list)
         self.auth = Authenticator(settings)
+        self.max_body_bytes = settings.max_body_bytes
         rate = settings.rate_limit_per_minute / 60
         self.rate = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
         self.inflight = (
@@ -243,10 +291,20 @@ class GuardMiddleware(HttpMiddleware):
                 await self._identify(state, headers)
             await self.app(scope, receive, send)
             return
+        credentials = Credentials.from_headers(headers)
         try:
-            caller = await self.auth.authenticate(Credentials.from_headers(headers))
+            if credentials.api_key is None and KEY_IN_BODY.fullmatch(scope["path"]):
+                credentials = credentials.with_key(QueryParams(scope["query_string"]).get("api_key"))
+                if credentials.api_key is None and self.auth.effective_policy() != "none":
+                    body, key = await self._key_in_body(scope, receive)
+                    receive = _replaying(body, receive)
+                    credentials = credentials.with_key(key)
+            caller = await self.auth.authenticate(credentials)
         except Unauthorized as exc:
             await send_error(scope, send, exc, {"WWW-Authenticate": WWW_AUTHENTICATE})
+            return
+        except (PayloadTooLarge, MalformedInput) as exc:  # the body that was to hold the key
+            await send_error(scope, send, exc)
             return
         remember(state, caller)
         # No caller: no authentication is configured (loopback), so every scope is allowed.
@@ -254,6 +312,20 @@ class GuardMiddleware(HttpMiddleware):
             await send_error(scope, send, Forbidden(caller.forbidden_message(lacking)))
             return
         await self._limited(scope, receive, send, state["principal"] or f"ip:{state['client']}")
+
+    async def _key_in_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
+        """The body (kept for the route, parsed once: `state.json_body`) and its `api_key`."""
+        body = await _read_body(receive, self.max_body_bytes)
+        if b'"api_key"' not in body:
+            return body, None
+        try:  # the one JSON reader, with its limits; a body it refuses holds no key
+            data = await run_in_threadpool(load_json, body, "the JSON body", "body is not valid JSON")
+        except TunnelvisionError:
+            return body, None
+        key = data.get("api_key") if isinstance(data, dict) else None
+        if isinstance(data, dict):
+            scope["state"]["json_body"] = data
+        return body, key if isinstance(key, str) else None
 
     async def _identify(self, state: dict[str, Any], headers: Headers) -> None:
         remember(state, await self.auth.identify(Credentials.from_headers(headers)))
@@ -276,3 +348,33 @@ class GuardMiddleware(HttpMiddleware):
             await self.app(scope, receive, send)
         finally:
             self.inflight.leave(client)
+
+
+async def _read_body(receive: Receive, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise MalformedInput("the client left before sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body is over the {max_bytes} byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body already read, then waits for the disconnect."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
