@@ -23,7 +23,8 @@ Exemplar = Annotated[
 
 
 def normalize_prompt(prompt: str | list[str] | None) -> list[str]:
-    """'A Cat . dog.' or ['A cat', 'dog'] -> ['a cat', 'dog'] (GroundingDINO wants lowercase)."""
+    """'A Cat . dog.' or ['A Cat', 'dog'] -> ['A Cat', 'dog']: the user's phrases, spaces tidied,
+    repeats dropped regardless of case (families lower-case what their models need)."""
     if prompt is None:
         return []
     if isinstance(prompt, str):
@@ -32,8 +33,11 @@ def normalize_prompt(prompt: str | list[str] | None) -> list[str]:
         if any("." in label for label in prompt):
             raise ValueError("a label in a list must not contain '.'")
         phrases = prompt
-    cleaned = [" ".join(p.lower().split()) for p in phrases]
-    unique = list(dict.fromkeys(p for p in cleaned if p))
+    cleaned = [" ".join(p.split()) for p in phrases]
+    first_spelling: dict[str, str] = {}
+    for phrase in filter(None, cleaned):
+        first_spelling.setdefault(phrase.casefold(), phrase)
+    unique = list(first_spelling.values())
     if len(unique) > MAX_PHRASES:
         raise ValueError(f"at most {MAX_PHRASES} phrases in a prompt")
     return unique

@@ -138,3 +138,12 @@ def test_the_route_receives_the_body_the_guard_read(tmp_path: Path) -> None:
     assert response.status_code == 200, response.text
     assert json.loads(seen["body"]) == payload  # type: ignore[arg-type]
     assert seen["parsed"] == payload
+
+
+def test_an_authorization_header_without_a_scheme_says_how_to_send_the_key(keyed: tuple[str, str]) -> None:
+    url, key = keyed
+    response = httpx.get(f"{url}/v1/models", headers={"Authorization": key}, timeout=10)
+    assert response.status_code == 401
+    message = response.json()["error"]["message"]
+    assert "holds no key" in message and "Bearer KEY" in message
+    assert key not in response.text

@@ -50,7 +50,7 @@ def test_detections_carry_the_users_phrases_inside_the_image(backend: GroundedSa
     detections = predict(backend, image, params)
     assert 0 < len(detections) <= 10
     for d in detections:
-        assert d.label in {"red forklift", "zebra"}  # never '[SEP]' or '##' pieces
+        assert d.label in {"Red Forklift", "zebra"}  # never '[SEP]' or '##' pieces
         x1, y1, x2, y2 = d.box
         assert 0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 120
     scores = [d.score for d in detections]

@@ -6,9 +6,10 @@ from pydantic import ValidationError
 from tunnelvision.schemas import DetectRequestParams, SegmentParams, normalize_prompt
 
 
-def test_prompts_are_normalised_to_lowercase_phrases() -> None:
-    assert normalize_prompt("A Cat . dog.  ") == ["a cat", "dog"]
-    assert normalize_prompt(["Fork  Lift", "person", "person"]) == ["fork lift", "person"]
+def test_prompts_keep_the_users_phrases_tidied() -> None:
+    assert normalize_prompt("A Cat . dog.  ") == ["A Cat", "dog"]
+    assert normalize_prompt(["Fork  Lift", "person", "person"]) == ["Fork Lift", "person"]
+    assert normalize_prompt("Forklift . forklift . FORKLIFT . Person") == ["Forklift", "Person"]
     assert normalize_prompt(" . ") == []
     with pytest.raises(ValueError):
         normalize_prompt(["a.b"])

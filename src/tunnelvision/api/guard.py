@@ -126,17 +126,22 @@ class Caller:
 class Credentials:
     api_key: str | None
     access_token: str | None
+    unread_authorization: bool = False  # an Authorization header we found no key in, for messages
 
     @classmethod
     def from_headers(cls, headers: Headers) -> Credentials:
         """A key from `X-API-Key`, `Authorization: Bearer KEY`, `Authorization: Basic` (the key is
         the password: Label Studio can send nothing else) or `Token: KEY` (X-AnyLabeling's)."""
-        key = headers.get("x-api-key") or _authorization_key(headers.get("authorization", ""))
-        key = key or headers.get("token", "").strip()
-        return cls(key or None, headers.get("cf-access-jwt-assertion") or None)
+        authorization = headers.get("authorization", "")
+        from_authorization = _authorization_key(authorization)
+        key = headers.get("x-api-key") or from_authorization or headers.get("token", "").strip()
+        unread = bool(authorization.strip()) and from_authorization is None
+        return cls(key or None, headers.get("cf-access-jwt-assertion") or None, unread)
 
     def with_key(self, key: str | None) -> Credentials:
-        return self if self.api_key is not None or not key else Credentials(key, self.access_token)
+        if self.api_key is not None or not key:
+            return self
+        return Credentials(key, self.access_token, self.unread_authorization)
 
 
 def _authorization_key(value: str) -> str | None:
@@ -261,7 +266,10 @@ def key_fingerprint(key: str) -> str:
 def _missing_message(policy: str, credentials: Credentials) -> str:
     if policy == "access":
         return "a Cloudflare Access login is required (no Cf-Access-Jwt-Assertion header)"
-    return "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+    how = "send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+    if credentials.unread_authorization:
+        return f"the Authorization header holds no key this server reads: {how}"
+    return f"an API key is required: {how}"
 
 
 class GuardMiddleware(HttpMiddleware):

@@ -83,15 +83,32 @@ def form_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
         if name == "image":
             continue
         if not isinstance(value, str):
-            raise InvalidInput(f"field '{name}' must be text, not a file")
+            raise InvalidInput(_file_in_wrong_field(name))
         if name in JSON_TEXT_FIELDS:
             fields[name] = _json_field(name, value)
-        elif name == "prompt" and name in fields:  # repeated `prompt` fields: a list of labels
-            previous = fields[name]
-            fields[name] = [*(previous if isinstance(previous, list) else [previous]), value]
+        elif name == "prompt":
+            fields[name] = _with_prompt(fields.get(name), value)
         else:
             fields[name] = value
     return fields
+
+
+def _file_in_wrong_field(name: str) -> str:
+    return f"field '{name}' holds a file, but only 'image' takes one: send it as -F image=@photo.jpg"
+
+
+def _with_prompt(previous: str | list[str] | None, value: str) -> str | list[str]:
+    """Repeated `prompt` fields are a list of labels; so is one field holding a JSON list."""
+    labels: str | list[str] = value
+    if value.lstrip().startswith("["):
+        parsed = load_json(value, "field 'prompt'", "field 'prompt' starts with '[' but is not a JSON list")
+        if not isinstance(parsed, list) or not all(isinstance(label, str) for label in parsed):
+            raise InvalidInput('field \'prompt\' as JSON must be a list of strings, e.g. ["cat", "dog"]')
+        labels = parsed
+    if previous is None:
+        return labels
+    before = previous if isinstance(previous, list) else [previous]
+    return [*before, *(labels if isinstance(labels, list) else [labels])]
 
 
 def _json_field(name: str, value: str) -> Any:

@@ -55,7 +55,7 @@ class GroundingDino(Family):
 
     def prepare(self, image: RGBImage, phrases: list[str], check: Check = no_deadline) -> DetectorInputs:
         height, width = image.shape[:2]
-        text = ". ".join(phrases) + "."
+        text = ". ".join(phrases).lower() + "."  # the model was trained on lower-case text
         # Channels last, said explicitly: a 1-3 pixel tall image would be guessed channels-first.
         inputs = self.processor(
             images=image, text=text, return_tensors="pt", input_data_format="channels_last"

@@ -74,7 +74,7 @@ class Owlv2(Family):
         pixels = self._pixels(images=image)
         prepared = OwlInputs(height, width, pixels)
         if phrases:
-            text = self.processor(text=phrases, return_tensors="pt")
+            text = self.processor(text=[phrase.lower() for phrase in phrases], return_tensors="pt")
             if text["input_ids"].shape[1] > self.max_text_tokens:
                 longest = text["input_ids"].shape[1]
                 raise InvalidInput(f"a phrase is {longest} tokens long; OWLv2 takes {self.max_text_tokens}")

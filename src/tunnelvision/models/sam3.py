@@ -75,7 +75,7 @@ class Sam3(Family):
     ) -> Sam3Inputs:
         height, width = image.shape[:2]
         pixels = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")
-        texts: list[str | None] = list(phrases) if phrases else [None]  # None: the processor's own text
+        texts: list[str | None] = [p.lower() for p in phrases] if phrases else [None]  # None: the processor's own text
         boxes: dict[str, Any] = {}
         if exemplars:
             boxes = {
