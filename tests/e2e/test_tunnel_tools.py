@@ -144,7 +144,7 @@ def test_doctor_diagnoses_a_tunnel_without_edge_connections(canned: list[Canned]
 def test_doctor_passes_when_everything_answers(canned: list[Canned], tmp_path: Path) -> None:
     ready = serve_canned(canned, 200, '{"status": 200, "readyConnections": 2, "connectorId": "x"}')
     keys, _ = keys_file_with_a_key(tmp_path)
-    with ThreadServer(make_settings(), FakeBackend()) as api:
+    with ThreadServer(make_settings(keys_file=keys), FakeBackend()) as api:
         config = tmp_path / "config.yml"
         assert write_config(config, api.port).returncode == 0
         edge = serve_canned(canned, 200, '{"status": "ok"}')
@@ -434,3 +434,38 @@ def test_up_stops_the_api_when_cloudflared_gives_up(tmp_path: Path) -> None:
     assert "cloudflared exited with 1" in result.stderr and "failed to request quick Tunnel" in result.stderr
     assert "is public at" not in result.stdout  # api.trycloudflare.com is not the tunnel's URL
     assert processes_mentioning(str(data)) == [] and not (data / "up.json").exists()
+
+
+def test_doctor_judges_auth_by_the_running_server_not_its_own_shell(tmp_path: Path) -> None:
+    keys, _ = keys_file_with_a_key(tmp_path)
+    with ThreadServer(make_settings(), FakeBackend()) as open_server:
+        # This shell has keys; the server does not: the server is what the internet reaches.
+        code, checks = doctor_json("--port", str(open_server.port), env={"TUNNELVISION_KEYS_FILE": str(keys)})
+    assert code == 1
+    assert checks["auth"]["ok"] is False and "without any key" in checks["auth"]["detail"]
+    with ThreadServer(make_settings(keys_file=keys), FakeBackend()) as keyed_server:
+        # The reverse: the documented systemd setup, doctor run from a shell without its settings.
+        code, checks = doctor_json("--port", str(keyed_server.port))
+    assert checks["auth"]["ok"] is True and "401" in checks["auth"]["detail"]
+
+
+def test_doctor_reads_the_services_environment_file(tmp_path: Path) -> None:
+    from tunnelvision.config import Settings
+    from tunnelvision.tunnel.doctor import read_env_file, service_settings
+
+    env_file = tmp_path / "tunnelvision.env"
+    env_file.write_text(
+        '# settings\nTUNNELVISION_KEYS_FILE="/etc/tunnel vision/keys.json"\n'
+        "TUNNELVISION_PORT=8123\nPORT=1\nHF_HOME=/var/cache/hf\nbroken line\n"
+    )
+    assert read_env_file(env_file)["TUNNELVISION_KEYS_FILE"] == "/etc/tunnel vision/keys.json"
+    settings = service_settings(Settings(port=8000), env_file)
+    assert settings.port == 8123 and str(settings.keys_file) == "/etc/tunnel vision/keys.json"
+    assert service_settings(Settings(port=8000), tmp_path / "absent.env").port == 8000
+
+
+def test_doctor_says_a_public_url_needs_its_scheme() -> None:
+    code, checks = doctor_json("--port", str(free_port()), "--public-url", "api.example.com")
+    assert code == 1
+    check = checks["public URL"]
+    assert "no scheme" in check["detail"] and "https://api.example.com" in check["remedy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from tunnelvision.exposure import auth_configured, is_loopback
 from tunnelvision.security.keys import KeyStore
 from tunnelvision.tunnel.config import ingress_problems
 from tunnelvision.tunnel.quick import INSTALL_HINT
+from tunnelvision.tunnel.systemd import ENV_FILE
 from tunnelvision.tunnel.up import UpState, pid_alive
 
 METRICS_PORTS = range(20241, 20246)  # where cloudflared puts its metrics server by default
@@ -44,13 +46,15 @@ class DoctorOptions:
     config: Path | None = None
     settings: Settings = field(default_factory=Settings)
     up: UpState | None = None  # what `tunnelvision up` runs, from its state file
+    service_env: Path | None = Path(ENV_FILE)  # the systemd unit's settings, when installed
 
 
 def resolve(options: DoctorOptions) -> DoctorOptions:
     """Fill what was not given: from `tunnelvision up`'s state when it runs here, else settings."""
     up, settings = options.up, options.settings
     if up is None or not pid_alive(up.pid):
-        return replace(options, port=options.port or settings.port)
+        settings = service_settings(settings, options.service_env)
+        return replace(options, port=options.port or settings.port, settings=settings)
     return DoctorOptions(
         options.port or up.port,
         options.public_url or up.public_url,
@@ -58,7 +62,41 @@ def resolve(options: DoctorOptions) -> DoctorOptions:
         options.config,
         settings.model_copy(update={"keys_file": Path(up.keys_file), "port": up.port}),
         up,
+        options.service_env,
     )
+
+
+def service_settings(settings: Settings, env_file: Path | None) -> Settings:
+    """The settings the systemd service runs with: its environment file's values over ours (a
+    doctor run from a login shell does not see the service's environment)."""
+    values = read_env_file(env_file) if env_file is not None else {}
+    prefix = "TUNNELVISION_"
+    named = {name.removeprefix(prefix).lower(): v for name, v in values.items() if name.startswith(prefix)}
+    fields = {name: value for name, value in named.items() if name in Settings.model_fields}
+    if not fields:
+        return settings
+    try:
+        return Settings(**{**settings.model_dump(exclude_unset=True), **fields})
+    except ValueError:  # a bad value there is the service's own start-up error; judge ours
+        return settings
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """NAME=value lines as systemd's EnvironmentFile= reads them (quotes removed); {} if unreadable."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, equals, value = line.strip().partition("=")
+        if equals and name and not name.startswith(("#", ";")):
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                continue
+            values[name.strip()] = " ".join(words)
+    return values
 
 
 def run_checks(options: DoctorOptions) -> list[Check]:
@@ -71,7 +109,7 @@ def run_checks(options: DoctorOptions) -> list[Check]:
     checks += [
         check_keep_alive(settings),
         check_bind(settings),
-        check_auth(settings),
+        check_auth(settings, port),
         check_keys_file(settings),
     ]
     checks.append(check_cloudflared_installed())
@@ -163,7 +201,28 @@ def check_bind(settings: Settings) -> Check:
     )
 
 
-def check_auth(settings: Settings) -> Check:
+def check_auth(settings: Settings, port: int) -> Check:
+    """Judged by the running server when one answers: an anonymous call refused with 401 proves
+    it checks callers, whatever this shell's settings say; else by the settings."""
+    try:
+        anonymous = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=3).status_code
+    except httpx.HTTPError:
+        anonymous = None
+    if anonymous == 401:
+        return Check("auth", True, f"the server on port {port} refuses calls without credentials (401)")
+    if anonymous == 200:
+        return Check(
+            "auth",
+            False,
+            f"the server on port {port} answers calls without any key: through the tunnel anyone "
+            "can use your GPU",
+            f"`tunnelvision keys add NAME --keys-file {settings.keys_file}` (the file the server reads), "
+            "or start it with --auth keys; or put the hostname behind Cloudflare Access",
+        )
+    return _auth_by_settings(settings)
+
+
+def _auth_by_settings(settings: Settings) -> Check:
     kinds = [
         k
         for k, on in (
@@ -303,6 +362,13 @@ def check_config(path: Path | None, port: int) -> Check:
 
 
 def check_public_url(url: str, port: int) -> Check:
+    if not url.startswith(("https://", "http://")):
+        return Check(
+            "public URL",
+            False,
+            f"'{url}' has no scheme, so it cannot be fetched",
+            f"give the whole URL: --public-url https://{url.split('://')[-1]}",
+        )
     target = url.rstrip("/") + "/healthz"
     try:
         response = httpx.get(target, timeout=20, follow_redirects=False)
