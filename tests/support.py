@@ -319,18 +319,21 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_CACHE = Path(os.environ.get("TUNNELVISION_TEST_VENVS", Path.home() / ".cache" / "tunnelvision-tests"))
 
 
-def client_venv(name: str, requirements: list[str], *, with_project: bool = False) -> Path:
+def client_venv(
+    name: str, requirements: list[str], *, with_project: bool = False, interpreter: str | None = None
+) -> Path:
     """The python of a venv of its own, for a real client whose pins are not ours (Label Studio,
     inference-sdk) or for our base install. Made once per requirement set and kept in
     VENV_CACHE; with `with_project`, this checkout is installed into it (without extras) on
-    every call, so the test sees today's code as a user's `pip install` would."""
+    every call, so the test sees today's code as a user's `pip install` would. `interpreter`:
+    another Python to build it with (e.g. the oldest one we claim), instead of this one."""
     import fcntl
     import hashlib
     import sys
-    import venv
 
     pyproject = (REPO / "pyproject.toml").read_text() if with_project else ""
-    inputs = "\n".join([sys.version, *requirements, pyproject])
+    base = interpreter or sys.executable
+    inputs = "\n".join([*([interpreter] if interpreter else []), sys.version, *requirements, pyproject])
     folder = VENV_CACHE / f"{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}"
     python = folder / "bin" / "python"
     VENV_CACHE.mkdir(parents=True, exist_ok=True)
@@ -338,7 +341,8 @@ def client_venv(name: str, requirements: list[str], *, with_project: bool = Fals
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse it
         if not (folder / "ready").exists():
             shutil.rmtree(folder, ignore_errors=True)
-            venv.create(folder, with_pip=True)
+            made = subprocess.run([base, "-m", "venv", folder], capture_output=True, text=True, timeout=300)
+            assert made.returncode == 0, f"{base} -m venv failed: {made.stderr[-2000:]}"
             project = [str(REPO)] if with_project else []
             _pip(python, "install", "--quiet", *requirements, *project)
             (folder / "ready").touch()

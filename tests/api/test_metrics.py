@@ -24,12 +24,14 @@ def test_metrics_count_requests_batches_and_outcomes(server: ThreadServer) -> No
     for prompt in ("cat", "cat", "oom"):
         httpx.post(server.url + "/v1/segment", files={"image": ("i.png", png)}, data={"prompt": prompt})
     httpx.get(server.url + "/no/such/route")
+    httpx.get(server.url + "/v1/jobs/no-such-job")  # a route with a parameter: labelled by its template
     response = httpx.get(server.url + "/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     values = samples(response.text)
     assert values[("tunnelvision_requests_total", (("route", "/v1/segment"), ("status", "200")))] == 2
     assert values[("tunnelvision_requests_total", (("route", "/v1/segment"), ("status", "503")))] == 1
     assert values[("tunnelvision_requests_total", (("route", "other"), ("status", "404")))] == 1
+    assert values[("tunnelvision_requests_total", (("route", "/v1/jobs/{job_id}"), ("status", "404")))] == 1
     assert values[("tunnelvision_tasks_total", (("outcome", "executed"),))] == 2
     assert values[("tunnelvision_device_oom_total", ())] == 1
     assert values[("tunnelvision_batch_size_count", ())] == 3

@@ -93,15 +93,25 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
 
 
 def metrics_sink(app: FastAPI, metrics: Metrics) -> RecordSink:
-    known_paths: set[str] = set()
+    static_paths: set[str] = set()
 
     def observe(scope: Any, status: int, started: float) -> None:
-        if not known_paths:  # the documented routes, read once the app is complete
-            known_paths.update(app.openapi()["paths"], {"/docs", "/openapi.json"})
-        route = scope["path"] if scope["path"] in known_paths else "other"  # bounded label values
-        metrics.on_request(route, status, scope.get("state", {}).get("timings_ms", {}))
+        if not static_paths:  # routes without parameters, read once the app is complete
+            documented = app.openapi()["paths"]
+            static_paths.update({p for p in documented if "{" not in p}, {"/docs", "/openapi.json"})
+        label = route_label(scope, static_paths)
+        metrics.on_request(label, status, scope.get("state", {}).get("timings_ms", {}))
 
     return observe
+
+
+def route_label(scope: Any, static_paths: set[str]) -> str:
+    """The matched route's template (`/v1/jobs/{job_id}`), so label values stay bounded. A request
+    refused before routing (401, 429, 413) keeps its path when that is a route's; else `other`."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    return scope["path"] if scope["path"] in static_paths else "other"
 
 
 def add_middleware(app: FastAPI, settings: Settings, state: AppState) -> None:

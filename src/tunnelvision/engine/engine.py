@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any, TypeVar
 
@@ -139,7 +139,7 @@ class Engine:
             raise ValueError("an engine needs at least one backend")
         self.config = config
         self._serving = Serving(0, backends)
-        started = datetime.now(UTC)
+        started = datetime.now(timezone.utc)
         self.loaded = {p.name: Loaded(1, started) for p in self.info.pipelines}
         self._reloading = False
         # Workers know their device by index; each batch runs on its own Serving's backend there.
@@ -381,7 +381,7 @@ class Engine:
         await asyncio.to_thread(warm_up_each, swap.backends, name)
         warmed = time.monotonic()
         old, self._serving = self._serving, Serving(self._serving.number + 1, swap.backends)
-        self.loaded[name] = Loaded(self.loaded[name].generation + 1, datetime.now(UTC))
+        self.loaded[name] = Loaded(self.loaded[name].generation + 1, datetime.now(timezone.utc))
         log.info("reloaded '%s' (generation %d)", name, self.loaded[name].generation)
         drained = await _wait_idle(old, self.config.deadline_s)
         retire, backends = swap.retire, old.backends

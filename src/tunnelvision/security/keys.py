@@ -25,7 +25,7 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class KeyStore:
         if any(k.name == name for k in keys):
             raise KeyCommandError(f"a key named '{name}' exists; revoke it first")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        created = datetime.now(UTC).isoformat(timespec="seconds")
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write([*keys, StoredKey(name, _digest(key), key[:7], created, allowed)])
         return key
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -264,7 +264,7 @@ class Supervisor:
             origin=self.origin,
             metrics=metrics,
             keys_file=str(self.settings.keys_file.expanduser()),
-            started=datetime.now(UTC).isoformat(timespec="seconds"),
+            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         write_state(self.settings.data_dir, state)
         return self._watch(api, tunnel, output, state)
