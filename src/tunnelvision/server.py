@@ -79,7 +79,16 @@ def _serve(settings: Settings) -> int:
         log_config=None,  # keep our non-blocking handlers (logs.py) for uvicorn's records too
         timeout_graceful_shutdown=int(settings.deadline_s) + 5,
     )
+    try:  # before the app starts: a busy port must not start loading models first
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged the OS's reason
+        log.error(
+            "cannot listen on %s:%s: is another server using it? choose another --port",
+            settings.host,
+            settings.port,
+        )
+        return 2
     server = GracefulServer(config, state)
     state.on_fatal = server.fail
-    server.run()
+    server.run(sockets=[sock])
     return server.exit_code

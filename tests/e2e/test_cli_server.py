@@ -255,6 +255,21 @@ def test_missing_weights_fail_fast_with_the_remedies(tiny_models: tuple[Path, Pa
     assert "--demo" in result.stderr
 
 
+def test_a_busy_port_is_refused_before_any_model_loads(tiny_models: tuple[Path, Path]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_cli(
+            "serve", "--detector", str(tiny_models[0]), "--segmenter", str(tiny_models[1]), "--port", port
+        )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "loading detector" not in result.stderr and "Application startup" not in result.stderr
+
+
 def test_invalid_settings_are_refused_before_starting() -> None:
     result = run_cli("serve", "--deadline-s", "200")
     assert result.returncode == 2 and "Cloudflare" in result.stderr
