@@ -372,6 +372,11 @@ class JobStatus(BaseModel):
     )
 
 
+class JobList(BaseModel):
+    jobs: list[JobStatus] = Field(..., description="the caller's jobs, newest first (without `errors`)")
+    next: str | None = Field(..., description="pass as `after` for the next page; null on the last")
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

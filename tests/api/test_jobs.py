@@ -108,6 +108,39 @@ def test_a_key_sees_only_its_own_jobs(tmp_path: Path) -> None:
             assert call.status_code == 404 and call.json()["error"]["code"] == "not_found"
 
 
+def test_a_key_lists_its_own_jobs_newest_first_a_page_at_a_time(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    store = KeyStore(keys)
+    alice, bob = {"X-API-Key": store.add("alice")}, {"X-API-Key": store.add("bob")}
+    with ThreadServer(make_settings(keys_file=keys, rate_limit_per_minute=0), FakeBackend()) as srv:
+        mine = [submit(srv.url, images(1), headers=alice).json()["id"] for _ in range(5)]
+        theirs = submit(srv.url, images(1), headers=bob).json()["id"]
+        seen: list[str] = []
+        after: str | None = None
+        for _ in range(5):  # pages of 2: 2, 2, 1
+            params = {"limit": 2, **({"after": after} if after else {})}
+            page = httpx.get(f"{srv.url}/v1/jobs", params=params, headers=alice)
+            assert page.status_code == 200, page.text
+            seen += [job["id"] for job in page.json()["jobs"]]
+            after = page.json()["next"]
+            if after is None:
+                break
+        assert seen == mine[::-1] and theirs not in seen
+        assert [j["id"] for j in httpx.get(f"{srv.url}/v1/jobs", headers=bob).json()["jobs"]] == [theirs]
+        for bad in ({"limit": 0}, {"limit": 101}, {"after": "yesterday"}):
+            answer = httpx.get(f"{srv.url}/v1/jobs", params=bad, headers=alice)
+            assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_input", bad
+
+
+def test_the_job_upload_form_is_documented_for_docs() -> None:
+    from tunnelvision.api.app import create_app
+
+    schema = create_app(make_settings(), lambda _settings: [FakeBackend()]).openapi()
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["properties"]["images"]["items"]["format"] == "binary"
+    assert {"archive", "prompt", "model"} <= body["properties"].keys()
+
+
 def test_quota_is_enforced(fake: FakeBackend) -> None:
     with ThreadServer(make_settings(jobs_quota_bytes=500), fake) as srv:
         refused = submit(srv.url, images(2))
@@ -172,3 +205,9 @@ def test_a_job_whose_every_image_fails_is_failed(server: ThreadServer) -> None:
     wait_for(lambda: httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["status"] == "failed")
     status = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
     assert (status["done"], status["failed"]) == (0, 1)
+
+
+def test_a_wrong_method_names_every_method_the_path_serves(server: ThreadServer) -> None:
+    answer = httpx.request("PUT", f"{server.url}/v1/jobs")
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "GET, POST"

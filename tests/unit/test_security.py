@@ -401,6 +401,7 @@ INTENDED_SCOPES = {
     ("GET", "/v1/models"): "predict",
     ("POST", "/v1/models/{name}/reload"): "admin",
     ("POST", "/v1/jobs"): "jobs",
+    ("GET", "/v1/jobs"): "jobs",
     ("GET", "/v1/jobs/{job_id}"): "jobs",
     ("GET", "/v1/jobs/{job_id}/result"): "jobs",
     ("DELETE", "/v1/jobs/{job_id}"): "jobs",

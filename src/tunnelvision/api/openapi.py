@@ -55,6 +55,22 @@ def request_body(params_model: type[BaseModel], json_model: type[BaseModel]) -> 
     }
 
 
+def job_request_body(params_model: type[BaseModel], options: tuple[str, ...]) -> dict[str, Any]:
+    """POST /v1/jobs: image files and/or one zip, with the segment options jobs take."""
+    option_properties = _inline(params_model).get("properties", {})
+    properties: dict[str, Any] = {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "image files (repeat the field)",
+        },
+        "archive": {"type": "string", "format": "binary", "description": "a zip of images"},
+        **{name: option_properties[name] for name in options if name in option_properties},
+    }
+    schema = {"type": "object", "required": ["prompt"], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 def _multipart_schema(params_model: type[BaseModel]) -> dict[str, Any]:
     schema = _inline(params_model)
     properties = {"image": {"type": "string", "format": "binary", "description": "the image file"}}

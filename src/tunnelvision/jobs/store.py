@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS items (
     status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT,
     PRIMARY KEY (job_id, idx)
 );
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
 """
 ACTIVE = ("queued", "running")
 STAGING_PREFIX = ".staging-"  # a job's files while it is being created; never read from
@@ -232,25 +233,19 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRow | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT j.id, j.owner, j.status, j.created, j.options, j.labels, j.total,"
-                " SUM(i.status = 'done'), SUM(i.status = 'failed')"
-                " FROM jobs j JOIN items i ON i.job_id = j.id WHERE j.id = ? GROUP BY j.id",
-                (job_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return JobRow(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            json.loads(row[4]),
-            json.loads(row[5]),
-            row[6],
-            int(row[7] or 0),
-            int(row[8] or 0),
-        )
+            row = self._db.execute(f"{JOB_ROWS} WHERE j.id = ? GROUP BY j.id", (job_id,)).fetchone()
+        return None if row is None else _job_row(row)
+
+    def owned(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[JobRow]:
+        """One owner's jobs, newest first, from just after `before` (created, id) when given."""
+        after = "AND (j.created, j.id) < (?, ?)" if before else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"{JOB_ROWS} WHERE j.owner = ? {after} GROUP BY j.id"
+                " ORDER BY j.created DESC, j.id DESC LIMIT ?",
+                (owner, *(before or ()), limit),
+            ).fetchall()
+        return [_job_row(row) for row in rows]
 
     def next_pending(self, after_job: str | None = None) -> PendingItem | None:
         """The next pending image, taking the active jobs in turns (oldest first, beginning with
@@ -310,6 +305,19 @@ class JobStore:
                     quota_bytes - used_bytes(self._db, None), owner_quota_bytes - used_bytes(self._db, owner)
                 ),
             )
+
+
+JOB_ROWS = (
+    "SELECT j.id, j.owner, j.status, j.created, j.options, j.labels, j.total,"
+    " SUM(i.status = 'done'), SUM(i.status = 'failed') FROM jobs j JOIN items i ON i.job_id = j.id"
+)
+
+
+def _job_row(row: tuple[Any, ...]) -> JobRow:
+    done, failed = int(row[7] or 0), int(row[8] or 0)
+    return JobRow(
+        row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]), row[6], done, failed
+    )
 
 
 def check_quota(db: sqlite3.Connection, size: int, quota_bytes: int, owner: str | None) -> None:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from tunnelvision.api.deps import DOCUMENTED_AUTH, OwnerDep, SettingsDep, StateDep
 from tunnelvision.api.job_uploads import UPLOAD_FIELDS, read_job_uploads
-from tunnelvision.api.openapi import JOB_CREATE_ERRORS, JOB_ERRORS
+from tunnelvision.api.openapi import JOB_CREATE_ERRORS, JOB_ERRORS, error_responses, job_request_body
 from tunnelvision.api.parsing import form_fields, validate_params
 from tunnelvision.coco import Coco
 from tunnelvision.errors import InvalidInput, NotFound
 from tunnelvision.jobs.store import ACTIVE, JobRow, JobStore
-from tunnelvision.schemas import JobImageError, JobStatus, SegmentParams, SegmentResponse
+from tunnelvision.schemas import JobImageError, JobList, JobStatus, SegmentParams, SegmentResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=DOCUMENTED_AUTH)
 JOB_OPTIONS = ("prompt", "box_threshold", "text_threshold", "nms_iou", "max_detections", "multimask", "model")
@@ -29,6 +29,7 @@ LISTED_ERRORS = 100  # failed images named in a job's status
     response_model=JobStatus,
     responses=JOB_CREATE_ERRORS,
     summary="Submit images (repeated `images` files, or an `archive` zip) with segment options",
+    openapi_extra=job_request_body(SegmentParams, JOB_OPTIONS),
 )
 async def create_job(
     request: Request, state: StateDep, settings: SettingsDep, owner: OwnerDep
@@ -59,6 +60,38 @@ async def create_job(
     state.job_runner.wake.set()
     status = await _status(state, await _job(state, job_id, owner))
     return JSONResponse(status.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.get(
+    "",
+    response_model=JobList,
+    responses=error_responses(422),
+    summary="Your jobs, newest first, a page at a time",
+)
+async def list_jobs(
+    state: StateDep,
+    owner: OwnerDep,
+    limit: int = Query(20, ge=1, le=100, description="jobs in one page"),
+    after: str | None = Query(None, max_length=128, description="`next` from the previous page"),
+) -> JobList:
+    rows = await run_in_threadpool(state.jobs.owned, owner, limit + 1, _page_position(after))
+    page = rows[:limit]
+    more = len(rows) > limit
+    return JobList(
+        jobs=[await _status(state, job, with_errors=False) for job in page],
+        next=f"{page[-1].created!r}:{page[-1].id}" if more else None,
+    )
+
+
+def _page_position(after: str | None) -> tuple[float, str] | None:
+    """`next` of a page is the last job's creation time and id: the page after starts below it."""
+    if after is None:
+        return None
+    created, _, job_id = after.partition(":")
+    try:
+        return float(created), job_id
+    except ValueError:
+        raise InvalidInput("'after' must be the `next` value of a previous page") from None
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=JOB_ERRORS, summary="A job's status")
@@ -115,9 +148,10 @@ async def _job(state: Any, job_id: str, owner: str) -> JobRow:
     return job
 
 
-async def _status(state: Any, job: JobRow) -> JobStatus:
+async def _status(state: Any, job: JobRow, with_errors: bool = True) -> JobStatus:
     progress = (job.done + job.failed) / job.total if job.total else 1.0
-    failures = await run_in_threadpool(state.jobs.failures, job.id, LISTED_ERRORS) if job.failed else []
+    listed = job.failed and with_errors
+    failures = await run_in_threadpool(state.jobs.failures, job.id, LISTED_ERRORS) if listed else []
     return JobStatus(
         id=job.id,
         status=job.status,
