@@ -57,7 +57,9 @@ def _class_names(result: DetectResponse | SegmentResponse, classes: str | Sequen
 
 
 def _class_id(label: str | None, names: list[str]) -> int:
-    return names.index(label) if label is not None and label in names else NO_CLASS
+    """Labels match class names regardless of case, as the server tells phrases apart."""
+    folded = [name.casefold() for name in names]
+    return folded.index(label.casefold()) if label is not None and label.casefold() in folded else NO_CLASS
 
 
 def _masks(result: DetectResponse | SegmentResponse) -> npt.NDArray[np.bool_] | None:
