@@ -1,15 +1,20 @@
 """`tunnelvision serve | up | keys | predict | tunnel | doctor | models`. Every Settings field is a
 serve (and up) flag."""
 
+# This module imports nothing heavy: on a base install (`pip install tunnelvision`, no torch) the
+# client commands work and the server commands (serve, up, models random) say what to install.
+
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import logging
 import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +22,57 @@ from pydantic import ValidationError
 
 from tunnelvision import __version__
 from tunnelvision.config import Settings
-from tunnelvision.models.random_families import FAMILIES
+from tunnelvision.models.family_names import RANDOM_FAMILIES
 from tunnelvision.security.keys import DEFAULT_SCOPES, SCOPES, KeyCommandError, KeyStore, parse_scopes
 
 log = logging.getLogger("tunnelvision")
+
+# What `pip install 'tunnelvision[server]'` adds (import names). A base install has none of them.
+SERVER_MODULES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "scipy",
+    "fastapi",
+    "fastapi_offline",
+    "uvicorn",
+    "python_multipart",
+    "jwt",
+    "prometheus_client",
+)
+SERVER_INSTALL = "pip install 'tunnelvision[server]'"
+Handler = Callable[[argparse.Namespace], int]
+
+
+def missing_server_modules() -> list[str]:
+    """The server's packages that are not installed (found without importing them)."""
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+
+
+def needs_server(handler: Handler) -> Handler:
+    """A command that runs the models or the web server: on a base install, say what to install
+    instead of failing on an import halfway through."""
+
+    @functools.wraps(handler)
+    def checked(args: argparse.Namespace) -> int:
+        missing = missing_server_modules()
+        if missing:
+            # A base install lacks them all; a broken one is told which.
+            which = "" if len(missing) == len(SERVER_MODULES) else f" ({', '.join(missing)} missing)"
+            print(
+                f"tunnelvision {command_words(args)}: this needs the server{which}: {SERVER_INSTALL}",
+                file=sys.stderr,
+            )
+            return 1
+        return handler(args)
+
+    return checked
+
+
+def command_words(args: argparse.Namespace) -> str:
+    """`serve`, `models random`: the command as typed."""
+    words = [args.command, getattr(args, f"{args.command}_command", None)]
+    return " ".join(word for word in words if word)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     random.add_argument(
         "out", type=Path, help="folder; gets detector/ and segmenter/, or one checkpoint with --family"
     )
-    random.add_argument("--family", choices=FAMILIES, help="write one checkpoint of this family into OUT")
+    random.add_argument(
+        "--family",
+        choices=RANDOM_FAMILIES,
+        help="write one checkpoint of this family into OUT",
+    )
     random.add_argument(
         "--size",
         choices=["tiny", "full"],
@@ -158,6 +214,7 @@ def valid_settings(args: argparse.Namespace) -> Settings | None:
         return None
 
 
+@needs_server
 def run_serve(args: argparse.Namespace) -> int:
     settings = valid_settings(args)
     if settings is None:
@@ -167,6 +224,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+@needs_server
 def run_up(args: argparse.Namespace) -> int:
     settings = valid_settings(args)
     if settings is None:
@@ -224,6 +282,7 @@ def run_models_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_server
 def run_models_random(args: argparse.Namespace) -> int:
     from tunnelvision.models.random import write_random_models
 

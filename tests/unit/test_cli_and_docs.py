@@ -103,3 +103,26 @@ def test_models_random_writes_one_family_checkpoint(
     assert "sam, tiny" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse lists the known families
         main(["models", "random", str(tmp_path / "x"), "--family", "yolo"])
+
+
+def test_server_commands_without_the_server_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A base install has none of the server's packages (the e2e base-install test runs one);
+    here two that no install has stand in for them."""
+    from tunnelvision import cli
+
+    monkeypatch.setattr(cli, "SERVER_MODULES", ("tunnelvision_no_torch", "tunnelvision_no_fastapi"))
+    for words, command in (
+        ("serve", ["serve"]),
+        ("up", ["up"]),
+        ("models random", ["models", "random", str(tmp_path / "out")]),
+    ):
+        assert main(command) == 1
+        error = capsys.readouterr().err
+        assert error == f"tunnelvision {words}: this needs the server: pip install 'tunnelvision[server]'\n"
+    assert not (tmp_path / "out").exists()
+    # partly installed: it says which are missing
+    monkeypatch.setattr(cli, "SERVER_MODULES", ("json", "tunnelvision_no_torch"))
+    assert main(["serve"]) == 1
+    assert "(tunnelvision_no_torch missing)" in capsys.readouterr().err

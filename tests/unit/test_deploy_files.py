@@ -60,3 +60,26 @@ def test_deploy_guide_covers_both_routes_and_the_error_table() -> None:
         "tunnelvision up",
     ):
         assert words in guide, words
+
+
+def test_each_install_gets_the_extras_it_needs() -> None:
+    """`pip install tunnelvision` is the light client; the server, the scripts and the image ask for
+    `[server]` (the tests for `[dev]`, which includes it)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    server_only = {"torch", "transformers", "fastapi", "uvicorn", "safetensors", "scipy", "pyjwt"}
+    assert not names(project["dependencies"]) & server_only
+    assert server_only <= names(extras["server"])
+    assert any(r.startswith("tunnelvision[") and "server" in r for r in extras["dev"])
+    assert "torch>=2.4" in extras["server"]  # a plain range: pip picks a CUDA build on a GPU box
+    assert 'install_project "[server]"' in (ROOT / "scripts" / "serve").read_text()
+    assert 'install_project "[dev]"' in (ROOT / "scripts" / "test").read_text()
+    assert re.search(r'^RUN pip install "\.\[server\]"$', (ROOT / "deploy" / "Dockerfile").read_text(), re.M)
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install tunnelvision" in readme and "pip install 'tunnelvision[server]'" in readme

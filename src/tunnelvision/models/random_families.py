@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelvision.models import loading
+from tunnelvision.models.family_names import RANDOM_FAMILIES
 from tunnelvision.models.random import (
     GROUNDING_CLASSES,
     PROMPT_WORDS,
@@ -24,7 +25,7 @@ from tunnelvision.models.random import (
     save_checkpoint,
 )
 
-FAMILIES = ("grounding-dino", "mm-grounding-dino", "owlv2", "sam", "sam2", "sam3")
+FAMILIES = RANDOM_FAMILIES
 # The stock SAM 2 and SAM 3 processors exist only as torchvision versions (no PIL fallback).
 NEEDS_TORCHVISION = frozenset({"sam2", "sam3"})
 

@@ -75,7 +75,8 @@ class Sam3(Family):
     ) -> Sam3Inputs:
         height, width = image.shape[:2]
         pixels = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")
-        texts: list[str | None] = [p.lower() for p in phrases] if phrases else [None]  # None: the processor's own text
+        # None: the processor's own text (exemplars alone)
+        texts: list[str | None] = [p.lower() for p in phrases] if phrases else [None]
         boxes: dict[str, Any] = {}
         if exemplars:
             boxes = {
