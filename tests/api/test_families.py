@@ -56,9 +56,9 @@ def url(tiny_models: tuple[Path, Path], families: dict[str, Path]) -> Iterator[s
         yield server_url
 
 
-def post(url: str, route: str, **fields: Any) -> httpx.Response:
+def post(url: str, route: str, image: bytes = PNG, **fields: Any) -> httpx.Response:
     data = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in fields.items()}
-    return httpx.post(f"{url}{route}", files={"image": ("i.png", PNG, "image/png")}, data=data, timeout=60)
+    return httpx.post(f"{url}{route}", files={"image": ("i.png", image, "image/png")}, data=data, timeout=60)
 
 
 def post_open(url: str, route: str, **fields: Any) -> httpx.Response:
@@ -177,13 +177,16 @@ def test_a_cache_hit_answers_as_the_cold_request(url: str, model: str) -> None:
         if model == "sam2"
         else {"prompt": "cat", "box_threshold": 0.0, "text_threshold": 0.0, "max_detections": 2}
     )
-    cold = post(url, "/v1/segment", model=model, **prompt)
+    unseen = image_bytes(96, 64, seed=len(model))  # an image no other test sent: its first pass encodes
+    cold = post(url, "/v1/segment", image=unseen, model=model, **prompt)
     hits = cache_hits(url)
     warm = httpx.post(
         f"{url}/v1/segment", json={"image_id": cold.json()["image_id"], "model": model, **prompt}, timeout=60
     )
     assert ok(warm) == ok(cold)
     assert cache_hits(url) == hits + 1  # the second prompt skipped the image encoder
+    assert cold.json()["timings_ms"]["encode"] > 0  # and the answers say so
+    assert "encode" not in warm.json()["timings_ms"]
 
 
 def test_the_clients_send_exemplars(url: str) -> None:

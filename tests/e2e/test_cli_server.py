@@ -321,7 +321,9 @@ def test_keys_cli_round_trip_against_a_running_server(tiny_models: tuple[Path, P
 
 
 def test_image_id_round_trip_reuses_the_image(url: str) -> None:
-    first = post(url, "/v1/segment", prompt="cat", box_threshold="0", max_detections="2")
+    unseen = image_bytes(80, 60, seed=99)  # no other test sends it: the first pass runs the encoder
+    first = post(url, "/v1/segment", image=unseen, prompt="cat", box_threshold="0", max_detections="2")
+    assert first.json()["timings_ms"]["encode"] > 0
     image_id = first.json()["image_id"]
     again = httpx.post(
         f"{url}/v1/segment",
@@ -331,6 +333,7 @@ def test_image_id_round_trip_reuses_the_image(url: str) -> None:
     assert again.status_code == 200, again.text
     assert again.json()["image_id"] == image_id and again.json()["image"] == first.json()["image"]
     assert again.json()["detections"] == first.json()["detections"]  # the cached embedding, same masks
+    assert "encode" not in again.json()["timings_ms"]  # no encoder pass this time
     boxes = httpx.post(
         f"{url}/v1/segment", json={"image_id": image_id, "boxes": [[0, 0, 50, 50]]}, timeout=60
     )

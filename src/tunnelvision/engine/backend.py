@@ -160,6 +160,11 @@ class Backend(Protocol):
 
     def cache_stats(self) -> dict[str, int]: ...
 
+    def device_steps(self, prepared: Any) -> dict[str, float]:
+        """Extra timings of this item's device pass, e.g. `encode` when the image encoder ran for
+        it (absent when its embedding came from the cache)."""
+        ...
+
 
 # After these CUDA errors the device's context is broken until the process restarts (unlike
 # running out of memory, which the backend reports as DeviceOutOfMemory and recovers from).

@@ -345,6 +345,7 @@ class Engine:
             "device": _ms(device_end - device_start),
             "finish": _ms(done - device_end),
             "total": _ms(done - deadline.started),
+            **backend.device_steps(prepared),
         }
         return _Outcome(image, image_id, detections, timings, deadline)
 

@@ -55,6 +55,16 @@ class Pipeline(Protocol):
 
     def caches(self) -> list[Cached]: ...
 
+    def device_steps(self, prepared: Any) -> dict[str, float]:
+        """Timings of device steps that ran for this item only (`encode`: the image encoder)."""
+        ...
+
+
+def encoder_steps(inputs: Any) -> dict[str, float]:
+    """{"encode": ms} when the segmenter encoded this image; {} when its embedding was cached."""
+    encode_ms = getattr(inputs, "encode_ms", None)
+    return {} if encode_ms is None else {"encode": encode_ms}
+
 
 @dataclass
 class Prepared:
@@ -159,6 +169,9 @@ class ComposedPipeline:
 
     def caches(self) -> list[Cached]:
         return [self.segmenter] if self.segmenter is not None else []
+
+    def device_steps(self, prepared: Prepared) -> dict[str, float]:
+        return encoder_steps(prepared.segmenter)
 
 
 def segment_prompt(params: DetectParams) -> SegmentPrompt:
@@ -267,6 +280,9 @@ class ConceptPipeline:
     def caches(self) -> list[Cached]:
         return [self.segmenter]
 
+    def device_steps(self, prepared: ConceptPrepared) -> dict[str, float]:
+        return encoder_steps(prepared.inputs)
+
 
 @dataclass
 class Routed:
@@ -332,6 +348,9 @@ class DeviceBackend:
         self, raw: Any, params: DetectParams, prepared: Routed, check: Check = no_deadline
     ) -> list[Detection]:
         return self.pipelines[prepared.pipeline].finish(raw, params, prepared.prepared, check)
+
+    def device_steps(self, prepared: Routed) -> dict[str, float]:
+        return self.pipelines[prepared.pipeline].device_steps(prepared.prepared)
 
     def _caches(self) -> list[Cached]:
         """Each cache once, however many pipelines share its model."""

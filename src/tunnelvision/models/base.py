@@ -3,6 +3,7 @@ image encoder computed (SAM's embedding, SAM 2's feature maps, SAM 3's vision fe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -29,6 +30,7 @@ class EncodedImage(Protocol):
 
     pixels: torch.Tensor
     image_id: str
+    encode_ms: float | None  # set by ImageCache.fetch when this image went through the encoder
 
 
 class ImageCache(Generic[V]):
@@ -46,9 +48,15 @@ class ImageCache(Generic[V]):
         found: list[V | None] = [self.lru.get(self.key(i)) if i.image_id else None for i in images]
         missing = [i for i, value in enumerate(found) if value is None]
         if missing:
+            started = time.perf_counter()
             pixels = torch.cat([images[i].pixels for i in missing]).to(self.owner.device, self.owner.dtype)
-            for i, value in zip(missing, encode(pixels), strict=True):
+            encoded = encode(pixels)
+            if self.owner.device.type == "cuda":
+                torch.cuda.synchronize(self.owner.device)  # the kernels run asynchronously
+            encode_ms = round((time.perf_counter() - started) * 1000, 2)
+            for i, value in zip(missing, encoded, strict=True):
                 found[i] = value
+                images[i].encode_ms = encode_ms  # shared by the images encoded together
                 if images[i].image_id:
                     self.lru.put(self.key(images[i]), value, self.size_of(value))
         return [value for value in found if value is not None]

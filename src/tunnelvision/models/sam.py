@@ -30,6 +30,7 @@ class SamInputs:
     pixels: torch.Tensor  # resized and padded to SAM's square
     scale: tuple[float, float]  # original -> SAM input coordinates (x, y)
     image_id: str = ""  # the sender's id for the image: the embedding cache's key ("": not cached)
+    encode_ms: float | None = None  # the image encoder's time, when this request ran it
 
 
 # Masks upscaled in one call: each makes a float copy at the padded square and at full size.

@@ -47,6 +47,7 @@ class Sam2Inputs:
     width: int
     pixels: torch.Tensor  # resized to SAM 2's square
     image_id: str = ""  # the embedding cache's key ("": not cached)
+    encode_ms: float | None = None  # the image encoder's time, when this request ran it
 
 
 class Sam2(PromptableSegmenter):

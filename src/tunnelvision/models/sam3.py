@@ -42,6 +42,7 @@ class Sam3Inputs:
     prompts: dict[str, torch.Tensor]  # PROMPT_INPUTS, one row per prompt
     phrase_ids: list[int]  # each prompt's phrase (EXEMPLAR_PHRASE: exemplars alone)
     image_id: str = ""  # the vision-feature cache's key ("": not cached)
+    encode_ms: float | None = None  # the image encoder's time, when this request ran it
 
 
 class Sam3(Family):

@@ -51,3 +51,6 @@ class SimulatedBackend:
 
     def cache_stats(self) -> dict[str, int]:
         return {}
+
+    def device_steps(self, prepared: Any) -> dict[str, float]:
+        return {}
