@@ -444,7 +444,7 @@ def run_tunnel_systemd(args: argparse.Namespace) -> int:
         return 2
     unit.write_text(api_unit(command, args.user, settings))
     env.write_text(env_text)
-    print(f"wrote {unit} and {env}\n\n{next_steps(str(unit), str(env))}")
+    print(f"wrote {unit} and {env}\n\n{next_steps(str(unit), str(env), command, args.user, settings.port)}")
     return 0
 
 

@@ -117,7 +117,8 @@ def test_systemd_values_with_spaces_and_percent_signs_survive() -> None:
     assert env["TUNNELVISION_HOST"] == "127.0.0.1"  # plain values stay plain
     with pytest.raises(ValueError, match="line break"):
         env_value("a\nTUNNELVISION_AUTH=auto")
-    assert "'/tmp/my units/tunnelvision.service'" in next_steps("/tmp/my units/tunnelvision.service", "e")
+    steps = next_steps("/tmp/my units/tunnelvision.service", "e", ["/opt/tv/bin/tunnelvision"], "svc", 8000)
+    assert "'/tmp/my units/tunnelvision.service'" in steps
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
@@ -134,3 +135,21 @@ def test_systemd_accepts_the_unit_for_an_executable_under_a_path_with_spaces_and
         ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_systemd_next_steps_are_the_commands_that_work_as_pasted() -> None:
+    steps = next_steps(
+        "/tmp/u/tunnelvision.service",
+        "/tmp/u/tunnelvision.env",
+        ["/opt/tv venv/bin/tunnelvision"],
+        "vision",
+        8123,
+    )
+    # sudo's PATH lacks a venv's bin: the executable by its full path, quoted.
+    assert "sudo '/opt/tv venv/bin/tunnelvision' keys add me --keys-file /etc/tunnelvision/keys.json" in steps
+    assert "sudo chown vision /etc/tunnelvision/keys.json" in steps and "<service user>" not in steps
+    assert "http://127.0.0.1:8123" in steps and "--port 8123" in steps
+    # Nothing is written under /etc without sudo: the config goes to /tmp, then sudo copies it.
+    for line in steps.splitlines():
+        if "/etc/" in line and not line.strip().startswith(("sudo", "--credentials-file")):
+            raise AssertionError(f"writes under /etc without sudo: {line}")

@@ -86,23 +86,27 @@ def env_file(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def next_steps(unit_path: str, env_path: str) -> str:
+def next_steps(unit_path: str, env_path: str, command: Sequence[str], user: str, port: int) -> str:
+    """The lines to paste, as docs/DEPLOY.md has them: `command` is the tunnelvision executable by
+    its full path (sudo's PATH lacks a venv's bin), `user` the service's."""
     unit_path, env_path = shlex.quote(unit_path), shlex.quote(env_path)  # shell lines to paste
+    tunnelvision = shlex.join(command)
     return f"""Next steps:
   sudo install -D -m 644 {unit_path} /etc/systemd/system/tunnelvision.service
   sudo install -D -m 640 {env_path} {ENV_FILE}
-  sudo tunnelvision keys add me --keys-file {KEYS_FILE}    # prints the key once
-  sudo chown <service user> {KEYS_FILE}
+  sudo {tunnelvision} keys add me --keys-file {KEYS_FILE}    # prints the key once
+  sudo chown {shlex.quote(user)} {KEYS_FILE}
   sudo systemctl daemon-reload && sudo systemctl enable --now tunnelvision
 
 cloudflared, token route (tunnel created in the Cloudflare dashboard):
   sudo cloudflared service install <TOKEN>      # writes and starts cloudflared.service
-  In the dashboard, add a public hostname whose service is http://127.0.0.1:<port>.
+  In the dashboard, add a public hostname whose service is http://127.0.0.1:{port}.
 
 cloudflared, config-file route (tunnel created with `cloudflared tunnel create NAME`):
-  tunnelvision tunnel config --hostname api.example.com --tunnel <UUID> \\
-      --credentials-file /etc/cloudflared/<UUID>.json --out /etc/cloudflared/config.yml
-  sudo cloudflared service install                # reads /etc/cloudflared/config.yml
+  sudo mkdir -p /etc/cloudflared && sudo cp ~/.cloudflared/<UUID>.json /etc/cloudflared/
+  {tunnelvision} tunnel config --hostname api.example.com --tunnel <UUID> \\
+      --credentials-file /etc/cloudflared/<UUID>.json --port {port} --out /tmp/config.yml
+  sudo cp /tmp/config.yml /etc/cloudflared/config.yml && sudo cloudflared service install
 
-Then: tunnelvision doctor --public-url https://api.example.com
+Then: {tunnelvision} doctor --public-url https://api.example.com
 """
