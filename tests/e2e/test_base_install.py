@@ -5,7 +5,10 @@ install), and the server commands say what to install."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +22,33 @@ SERVER_PACKAGES = ("torch", "torchvision", "transformers", "fastapi", "starlette
 SERVER_HINT = "this needs the server: pip install 'tunnelvision[server]'"
 
 
-@pytest.fixture(scope="module")
-def python() -> Path:
-    """The base install's interpreter (this checkout, installed without extras)."""
-    return client_venv("base-install", [], with_project=True)
+PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+OLDEST_PYTHON = "3.10"  # pyproject's requires-python
+
+
+def interpreter_for(version: str) -> str | None:
+    """A Python of that version: pyenv's (CI keeps 3.10 to 3.13 there), else one on PATH."""
+    found = sorted(PYENV_VERSIONS.glob(f"{version}.*/bin/python"))
+    return str(found[-1]) if found else shutil.which(f"python{version}")
+
+
+@pytest.fixture(
+    scope="module", params=list(dict.fromkeys([THIS_PYTHON, OLDEST_PYTHON])), ids=lambda v: f"py{v}"
+)
+def python(request: pytest.FixtureRequest) -> Path:
+    """The base install's interpreter (this checkout, installed without extras), on this Python
+    and on the oldest one we claim."""
+    version: str = request.param
+    if version == THIS_PYTHON:
+        return client_venv("base-install", [], with_project=True)
+    interpreter = interpreter_for(version)
+    if interpreter is None:
+        pytest.skip(
+            f"no Python {version} here: neither {PYENV_VERSIONS}/{version}.* nor python{version} on PATH"
+        )
+    name = f"base-install-py{version.replace('.', '')}"
+    return client_venv(name, [], with_project=True, interpreter=interpreter)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +61,11 @@ def run(
     command: list[str], timeout: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_the_venv_runs_the_python_it_was_made_for(python: Path, request: pytest.FixtureRequest) -> None:
+    done = run([str(python), "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"])
+    assert done.stdout.strip() == request.node.callspec.params["python"]
 
 
 def test_the_base_install_has_none_of_the_servers_packages(python: Path) -> None:
