@@ -5,16 +5,37 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tunnelvision.client import AsyncClient, Client
+    from tunnelvision.client import (
+        APIError,
+        AsyncClient,
+        AuthenticationError,
+        Client,
+        ConnectionFailed,
+        InvalidRequest,
+        Overloaded,
+        ServerError,
+        TransportError,
+    )
+
+# Served from tunnelvision.client on first use: `import tunnelvision` stays light (no httpx,
+# numpy or Pillow until a client or one of its errors is asked for).
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
+    "ConnectionFailed",
+    "InvalidRequest",
+    "Overloaded",
+    "ServerError",
+    "TransportError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """`tunnelvision.Client` without importing httpx for every `import tunnelvision`."""
-    if name in ("Client", "AsyncClient"):
+    if name in __all__:
         from tunnelvision import client
 
         return getattr(client, name)
-    raise AttributeError(name)
-
-
-__all__ = ["AsyncClient", "Client", "__version__"]
+    raise AttributeError(f"module 'tunnelvision' has no attribute {name!r}")

@@ -7,6 +7,10 @@
 
 Images may be a path, bytes, a PIL image or a numpy array. 429 and 503 answers are retried after
 their Retry-After (bounded); other errors raise `APIError` subclasses carrying the JSON error.
+A call that gets no answer raises `TransportError` (`ConnectionFailed` when the server could not be
+reached at all). Calls that cannot do harm twice are retried with exponential backoff first:
+GET and DELETE after any broken connection, every call (POST included) when the connection was
+never made, so the request cannot have reached the server.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import io
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -41,10 +46,20 @@ M = TypeVar("M", bound=BaseModel)
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRYABLE = (429, 503)
 RELOAD_TIMEOUT_S = 600.0  # loading real weights can take minutes
+UNFINISHED = ("queued", "running")  # job states `wait_job` waits through
+IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
+# No connection was made, so the request never left: safe to send again, whatever the method.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# The request may have reached the server: only an idempotent call may be sent again. A read
+# timeout is not retried: it already spent the whole timeout waiting.
+MAYBE_SENT = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.WriteTimeout)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+URL_HINT = "give the server's URL as http://HOST:PORT or https://HOSTNAME (--url or TUNNELVISION_URL)"
 
 
 class APIError(Exception):
-    """An error answer: its status, and the server's `{"error": {code, message, request_id}}`."""
+    """Base of every error the client raises. For an error answer: its status, and the server's
+    `{"error": {code, message, request_id}}`; status 0 when no answer came (`TransportError`)."""
 
     def __init__(
         self,
@@ -54,7 +69,7 @@ class APIError(Exception):
         request_id: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(f"{status} {code}: {message}" if status else message)
         self.status, self.code, self.message = status, code, message
         self.request_id, self.retry_after_s = request_id, retry_after_s
 
@@ -73,6 +88,65 @@ class Overloaded(APIError):
 
 class ServerError(APIError):
     """500 and other failures on the server's side (quote request_id when reporting)."""
+
+
+class TransportError(APIError):
+    """No answer came (status 0): the connection broke or timed out, after the retries that were
+    safe. `code`: connection_lost, timeout or connection_failed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(0, code, message)
+
+
+class ConnectionFailed(TransportError):
+    """The server could not be reached at all (refused, unknown host, connect timeout): it is not
+    running, or the URL is wrong. The request never left this machine."""
+
+
+def base_url(url: str) -> str:
+    """`url` without a trailing '/', and with a scheme: one given is kept (http or https); without
+    one, a loopback name (localhost, 127.0.0.1, ::1) or a HOST:PORT gets http:// (a server on this
+    machine or network, as `tunnelvision serve` listens), a bare hostname https:// (a tunnel)."""
+    url = url.strip()
+    if "://" not in url:  # urlsplit would read 'localhost:8000' as scheme 'localhost'
+        parts = urlsplit(f"//{url}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{url!r} has an invalid port: {URL_HINT}") from None
+        local = parts.hostname in LOOPBACK_NAMES or (port is not None and port != 443)
+        url = f"{'http' if local else 'https'}://{url}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL: {URL_HINT}")
+    return url.rstrip("/")
+
+
+def may_resend(method: str, exc: httpx.RequestError) -> bool:
+    """Whether sending this call again after `exc` can do no harm."""
+    return isinstance(exc, NOT_SENT) or (method in IDEMPOTENT and isinstance(exc, MAYBE_SENT))
+
+
+def transport_error(exc: httpx.RequestError, method: str, url: str) -> TransportError:
+    """What failed, where, and what to do about it, in the client's own error types."""
+    where, reason = f"{method} {url}", str(exc) or type(exc).__name__
+    if isinstance(exc, NOT_SENT):
+        return ConnectionFailed(
+            "connection_failed",
+            f"cannot reach {where}: {reason}. Is the server running, and is this its URL? "
+            "Check --url or TUNNELVISION_URL",
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportError(
+            "timeout",
+            f"{where} got no answer in time ({reason}): the server is busy or the work is long; "
+            "retry later or pass a larger timeout=",
+        )
+    return TransportError(
+        "connection_lost",
+        f"{where} failed: {reason}. The connection broke before the answer (the server restarted, "
+        "or a proxy or tunnel in between dropped it); check the server's log",
+    )
 
 
 def raise_for_error(response: httpx.Response) -> None:
@@ -139,35 +213,41 @@ def decode_masks(result: SegmentResponse) -> list[BoolMask]:
 
 @dataclass(frozen=True)
 class Call:
-    """One API call, built the same way for both clients."""
+    """One API call, built the same way for both clients. `fields` keep their Python types until
+    the encoding is chosen: a JSON body sends them as they are (the prompt "1984" stays a string),
+    a form sends text."""
 
+    method: str
     path: str
-    files: dict[str, Any] | list[tuple[str, Any]] | None
-    data: dict[str, str]
+    files: dict[str, Any] | list[tuple[str, Any]] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None  # None: the client's
+    retry_busy: bool = True  # retry 429/503 after their Retry-After
 
     @classmethod
     def build(cls, path: str, image: ImageInput | None, fields: dict[str, Any]) -> Call:
-        data = {k: _form_value(v) for k, v in fields.items() if v is not None}
         files = (
             {"image": ("image", image_bytes(image), "application/octet-stream")}
             if image is not None
             else None
         )
-        return cls(path, files, data)
+        return cls("POST", path, files, _given(fields))
 
-    def send_kwargs(self, method: str) -> dict[str, Any]:
-        if method != "POST":
-            return {}
-        if self.files is None:  # image_id only: no file to upload, so JSON
-            return {"json": {k: _json_value(v) for k, v in self.data.items()}}
-        return {"files": self.files, "data": self.data}
+    def send_kwargs(self) -> dict[str, Any]:
+        options: dict[str, Any] = {} if self.timeout is None else {"timeout": self.timeout}
+        if self.method != "POST":
+            return options
+        if self.files is None:  # image_id only, or a reload: no file to upload, so JSON
+            body = json.dumps(self.fields, default=_plain)
+            return {**options, "content": body, "headers": {"Content-Type": "application/json"}}
+        return {**options, "files": self.files, "data": {k: _form_value(v) for k, v in self.fields.items()}}
 
 
 def with_phrases(result: M, call: Call) -> M:
     """A detect/segment answer that remembers its request's phrases: `to_supervision()` numbers
     class ids in them."""
     if isinstance(result, DetectResponse | SegmentResponse):
-        result._phrases = normalize_prompt(call.data.get("prompt"))
+        result._phrases = normalize_prompt(call.fields.get("prompt"))
     return result
 
 
@@ -176,32 +256,39 @@ def job_call(images: list[ImageInput], prompt: str | list[str], options: dict[st
         ("images", (_name_of(image, i), image_bytes(image), "application/octet-stream"))
         for i, image in enumerate(images)
     ]
-    data = {k: _form_value(v) for k, v in _fields(prompt, **options).items() if v is not None}
-    return Call("/v1/jobs", files, data)
+    return Call("POST", "/v1/jobs", files, _given(_fields(prompt, **options)))
 
 
-def reload_call(name: str, source: str | None) -> tuple[str, dict[str, str]]:
-    """The reload route of pipeline `name` and its JSON body (empty: the same sources again)."""
-    return f"/v1/models/{name}/reload", {} if source is None else {"source": source}
+def reload_call(name: str, source: str | None, timeout: float) -> Call:
+    """The reload of pipeline `name` (no source: the same sources again). Not retried when busy:
+    a second reload while one runs is a 409, a failed load an InvalidRequest saying why."""
+    body = {} if source is None else {"source": source}
+    return Call("POST", f"/v1/models/{name}/reload", None, body, timeout, retry_busy=False)
 
 
 def _name_of(image: ImageInput, index: int) -> str:
     return Path(image).name if isinstance(image, str | os.PathLike) else f"image-{index:05d}.png"
 
 
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _plain(value: Any) -> Any:
+    """numpy values (boxes from an array, a numpy float threshold) as the JSON they stand for."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} cannot be sent as JSON")
+
+
 def _form_value(value: Any) -> str:
-    if isinstance(value, list | tuple | dict):
-        return json.dumps(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, list | tuple | dict | np.ndarray):
+        return json.dumps(value, default=_plain)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _json_value(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def _fields(prompt: Any = None, **options: Any) -> dict[str, Any]:
@@ -210,30 +297,60 @@ def _fields(prompt: Any = None, **options: Any) -> dict[str, Any]:
     return {"prompt": prompt, **options}
 
 
+def _jobs(job_id: str, tail: str = "", method: str = "GET") -> Call:
+    return Call(method, f"/v1/jobs/{job_id}{tail}")
+
+
+Outcome = httpx.Response | httpx.RequestError  # what one attempt got: an answer, or none
+
+
 class _Base:
     """What both clients share: where, who, how patiently. Only the sending differs (sync/async)."""
 
     def __init__(
-        self, url: str | None, api_key: str | None, timeout: float, retries: int, max_wait_s: float
+        self,
+        url: str | None,
+        api_key: str | None,
+        timeout: float,
+        retries: int,
+        max_wait_s: float,
+        backoff_s: float,
     ) -> None:
-        self.url = (url or os.environ.get("TUNNELVISION_URL") or DEFAULT_URL).rstrip("/")
+        self.url = base_url(url or os.environ.get("TUNNELVISION_URL") or DEFAULT_URL)
         key = api_key or os.environ.get("TUNNELVISION_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.retries, self.max_wait_s = retries, max_wait_s
+        self.retries, self.max_wait_s, self.backoff_s = retries, max_wait_s, backoff_s
         self.http_options: dict[str, Any] = {
             "base_url": self.url,
             "headers": self.headers,
             "timeout": timeout,
         }
 
-    def _wait_s(self, response: httpx.Response, attempt: int) -> float | None:
-        """Seconds to wait before retrying this answer; None when it is final."""
-        if response.status_code not in RETRYABLE or attempt >= self.retries:
+    def _wait_s(self, call: Call, outcome: Outcome, attempt: int) -> float | None:
+        """Seconds to wait before sending `call` again; None when this outcome is final."""
+        if attempt >= self.retries:
             return None
-        return min(self.max_wait_s, retry_after(response) or 2.0**attempt)
+        backoff_s = min(self.max_wait_s, self.backoff_s * 2.0**attempt)
+        if isinstance(outcome, httpx.RequestError):
+            return backoff_s if may_resend(call.method, outcome) else None
+        if outcome.status_code not in RETRYABLE or not call.retry_busy:
+            return None
+        return min(self.max_wait_s, retry_after(outcome) or backoff_s)
+
+    def _result(self, call: Call, outcome: Outcome) -> httpx.Response:
+        """The answer of a final attempt, or the client's error for it."""
+        if isinstance(outcome, httpx.RequestError):
+            raise transport_error(outcome, call.method, f"{self.url}{call.path}") from outcome
+        raise_for_error(outcome)
+        return outcome
 
 
 class Client(_Base):
+    """The API from synchronous code. `url`: the server (default TUNNELVISION_URL, else
+    http://127.0.0.1:8000; without a scheme, see `base_url`). `retries`: how often a 429/503, or a
+    call that got no answer and is safe to resend, is tried again, waiting Retry-After or
+    `backoff_s` doubling each time, at most `max_wait_s` each."""
+
     def __init__(
         self,
         url: str | None = None,
@@ -241,9 +358,10 @@ class Client(_Base):
         timeout: float = 120.0,
         retries: int = 3,
         max_wait_s: float = 30.0,
+        backoff_s: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, timeout, retries, max_wait_s)
+        super().__init__(url, api_key, timeout, retries, max_wait_s, backoff_s)
         self._http = httpx.Client(**self.http_options, transport=transport)
 
     def __enter__(self) -> Client:
@@ -292,13 +410,11 @@ class Client(_Base):
         **options: Any,
     ) -> bytes:
         """The annotated image file (PNG, or JPEG with format='jpeg')."""
-        return self._send(
-            "POST", Call.build("/v1/annotate", image, _fields(prompt, model=model, **options))
-        ).content
+        return self._send(Call.build("/v1/annotate", image, _fields(prompt, model=model, **options))).content
 
     def models(self) -> ModelsResponse:
         """The pipelines served (names for `model`), their models and abilities."""
-        return ModelsResponse.model_validate(self._send("GET", Call("/v1/models", None, {})).json())
+        return ModelsResponse.model_validate(self._send(Call("GET", "/v1/models")).json())
 
     def reload_model(
         self, name: str, source: str | None = None, timeout: float = RELOAD_TIMEOUT_S
@@ -307,54 +423,64 @@ class Client(_Base):
         downtime. `source`: a SPEC (DETECTOR+SEGMENTER or one model; hub ids or folders on the
         server); default: its current sources again. Needs an admin key. Not retried: a second
         reload while one runs is a 409, a failed load an InvalidRequest saying why."""
-        path, body = reload_call(name, source)
-        response = self._http.post(path, json=body, timeout=timeout)
-        raise_for_error(response)
-        return ReloadResponse.model_validate(response.json())
+        return ReloadResponse.model_validate(self._send(reload_call(name, source, timeout)).json())
 
     def create_job(
         self, images: list[ImageInput], prompt: str | list[str], model: str | None = None, **options: Any
     ) -> JobStatus:
         """Many images at background priority; follow with `job`, `wait_job`, `job_result`."""
         call = job_call(images, prompt, {"model": model, **options})
-        return JobStatus.model_validate(self._send("POST", call).json())
+        return JobStatus.model_validate(self._send(call).json())
 
     def job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self._send("GET", Call(f"/v1/jobs/{job_id}", None, {})).json())
+        return JobStatus.model_validate(self._send(_jobs(job_id)).json())
 
     def wait_job(self, job_id: str, poll_s: float = 2.0, timeout_s: float = 3600.0) -> JobStatus:
+        """The job's status once it is no longer queued or running, or after `timeout_s`."""
         end = time.monotonic() + timeout_s
-        while (status := self.job(job_id)).status in ("queued", "running") and time.monotonic() < end:
+        while (status := self.job(job_id)).status in UNFINISHED and time.monotonic() < end:
             time.sleep(poll_s)
         return status
 
     def job_result(self, job_id: str) -> dict[str, Any]:
         """COCO instances of the images finished so far."""
-        result: dict[str, Any] = self._send("GET", Call(f"/v1/jobs/{job_id}/result", None, {})).json()
+        result: dict[str, Any] = self._send(_jobs(job_id, "/result")).json()
         return result
 
     def cancel_job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self._send("DELETE", Call(f"/v1/jobs/{job_id}", None, {})).json())
+        return JobStatus.model_validate(self._send(_jobs(job_id, method="DELETE")).json())
 
     def ready(self) -> bool:
-        return self._http.get("/readyz").status_code == 200
+        """Whether the server is ready for work now: False while it starts, loads or is
+        unreachable (no retries: it answers for this moment)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.RequestError:
+            return False
 
     def _model(self, model: type[M], call: Call) -> M:
-        return with_phrases(model.model_validate(self._send("POST", call).json()), call)
+        return with_phrases(model.model_validate(self._send(call).json()), call)
 
-    def _send(self, method: str, call: Call) -> httpx.Response:
+    def _send(self, call: Call) -> httpx.Response:
         attempt = 0
         while True:
-            response = self._http.request(method, call.path, **call.send_kwargs(method))
-            wait_s = self._wait_s(response, attempt)
+            outcome = self._attempt(call)
+            wait_s = self._wait_s(call, outcome, attempt)
             if wait_s is None:
-                raise_for_error(response)
-                return response
+                return self._result(call, outcome)
             time.sleep(wait_s)
             attempt += 1
 
+    def _attempt(self, call: Call) -> Outcome:
+        try:
+            return self._http.request(call.method, call.path, **call.send_kwargs())
+        except httpx.RequestError as exc:
+            return exc
+
 
 class AsyncClient(_Base):
+    """`Client` for asyncio code: the same methods and arguments, awaited."""
+
     def __init__(
         self,
         url: str | None = None,
@@ -362,9 +488,10 @@ class AsyncClient(_Base):
         timeout: float = 120.0,
         retries: int = 3,
         max_wait_s: float = 30.0,
+        backoff_s: float = 0.5,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, timeout, retries, max_wait_s)
+        super().__init__(url, api_key, timeout, retries, max_wait_s, backoff_s)
         self._http = httpx.AsyncClient(**self.http_options, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
@@ -410,48 +537,60 @@ class AsyncClient(_Base):
         **options: Any,
     ) -> bytes:
         call = Call.build("/v1/annotate", image, _fields(prompt, model=model, **options))
-        return (await self._send("POST", call)).content
+        return (await self._send(call)).content
 
     async def models(self) -> ModelsResponse:
-        return ModelsResponse.model_validate((await self._send("GET", Call("/v1/models", None, {}))).json())
+        return ModelsResponse.model_validate((await self._send(Call("GET", "/v1/models"))).json())
 
     async def reload_model(
         self, name: str, source: str | None = None, timeout: float = RELOAD_TIMEOUT_S
     ) -> ReloadResponse:
-        path, body = reload_call(name, source)
-        response = await self._http.post(path, json=body, timeout=timeout)
-        raise_for_error(response)
+        response = await self._send(reload_call(name, source, timeout))
         return ReloadResponse.model_validate(response.json())
 
     async def create_job(
         self, images: list[ImageInput], prompt: str | list[str], model: str | None = None, **options: Any
     ) -> JobStatus:
         call = job_call(images, prompt, {"model": model, **options})
-        return JobStatus.model_validate((await self._send("POST", call)).json())
+        return JobStatus.model_validate((await self._send(call)).json())
 
     async def job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(
-            (await self._send("GET", Call(f"/v1/jobs/{job_id}", None, {}))).json()
-        )
+        return JobStatus.model_validate((await self._send(_jobs(job_id))).json())
+
+    async def wait_job(self, job_id: str, poll_s: float = 2.0, timeout_s: float = 3600.0) -> JobStatus:
+        end = time.monotonic() + timeout_s
+        while (status := await self.job(job_id)).status in UNFINISHED and time.monotonic() < end:
+            await asyncio.sleep(poll_s)
+        return status
 
     async def job_result(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = (await self._send("GET", Call(f"/v1/jobs/{job_id}/result", None, {}))).json()
+        result: dict[str, Any] = (await self._send(_jobs(job_id, "/result"))).json()
         return result
 
     async def cancel_job(self, job_id: str) -> JobStatus:
-        response = await self._send("DELETE", Call(f"/v1/jobs/{job_id}", None, {}))
-        return JobStatus.model_validate(response.json())
+        return JobStatus.model_validate((await self._send(_jobs(job_id, method="DELETE"))).json())
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.RequestError:
+            return False
 
     async def _model(self, model: type[M], call: Call) -> M:
-        return with_phrases(model.model_validate((await self._send("POST", call)).json()), call)
+        return with_phrases(model.model_validate((await self._send(call)).json()), call)
 
-    async def _send(self, method: str, call: Call) -> httpx.Response:
+    async def _send(self, call: Call) -> httpx.Response:
         attempt = 0
         while True:
-            response = await self._http.request(method, call.path, **call.send_kwargs(method))
-            wait_s = self._wait_s(response, attempt)
+            outcome = await self._attempt(call)
+            wait_s = self._wait_s(call, outcome, attempt)
             if wait_s is None:
-                raise_for_error(response)
-                return response
+                return self._result(call, outcome)
             await asyncio.sleep(wait_s)
             attempt += 1
+
+    async def _attempt(self, call: Call) -> Outcome:
+        try:
+            return await self._http.request(call.method, call.path, **call.send_kwargs())
+        except httpx.RequestError as exc:
+            return exc

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from PIL import Image
 
 from support import FakeBackend, ThreadServer, image_bytes, make_settings
 from tunnelvision import AsyncClient, Client
-from tunnelvision.client import AuthenticationError, InvalidRequest, Overloaded
+from tunnelvision.client import APIError, AuthenticationError, InvalidRequest, Overloaded
 from tunnelvision.schemas import DetectResponse, SegmentResponse
 from tunnelvision.security.keys import KeyStore
 
@@ -106,3 +109,76 @@ def test_jobs_through_the_client(server: ThreadServer, tmp_path: Path) -> None:
             return (await client.job(job.id)).id
 
     assert asyncio.run(via_async())
+
+
+async def _wait_job_async(url: str) -> tuple[str, int, bool]:
+    async with AsyncClient(url) as client:
+        job = await client.create_job([PNG, PNG], prompt="cat")
+        finished = await client.wait_job(job.id, poll_s=0.05, timeout_s=30)
+        return finished.status, finished.done, await client.ready()
+
+
+def test_async_client_waits_for_jobs_and_says_when_ready(server: ThreadServer) -> None:
+    assert asyncio.run(_wait_job_async(server.url)) == ("done", 2, True)
+
+
+def public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def test_both_clients_have_the_same_public_methods_and_arguments() -> None:
+    sync, asynchronous = public_methods(Client), public_methods(AsyncClient)
+    assert sorted(sync) == sorted(asynchronous)
+    for name, signature in sync.items():
+        assert asynchronous[name] == signature, name  # parameters, defaults, annotations, return
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
+        assert not inspect.iscoroutinefunction(getattr(Client, name)), name
+
+
+@pytest.mark.parametrize("prompt", ["1984", "null", "true", "-7", "[1]"])
+def test_a_prompt_that_reads_as_json_stays_text_with_an_image_id(server: ThreadServer, prompt: str) -> None:
+    with Client(server.url) as client:
+        first = client.segment(PNG, prompt="cat")
+        again = client.segment(image_id=first.image_id, prompt=prompt)
+        assert [d.label for d in again.detections] == [prompt]
+        found = client.detect(image_id=first.image_id, prompt=prompt, box_threshold=np.float32(0.25))
+        assert found.detections[0].label == prompt
+
+
+def test_numpy_boxes_are_sent_in_both_encodings(server: ThreadServer) -> None:
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20]])
+    with Client(server.url) as client:
+        first = client.segment(PNG, boxes=boxes)
+        again = client.segment(image_id=first.image_id, boxes=boxes)
+    assert first.detections[0].label is again.detections[0].label is None  # box prompts: no label
+
+
+IMPORT_PROBE = """
+import sys
+import tunnelvision
+light = not {"httpx", "numpy", "PIL", "tunnelvision.client"} & set(sys.modules)
+from tunnelvision import (
+    APIError, AsyncClient, AuthenticationError, Client, ConnectionFailed, InvalidRequest,
+    Overloaded, ServerError, TransportError,
+)
+import tunnelvision.client as client
+same = all(getattr(client, name) is getattr(tunnelvision, name) for name in tunnelvision.__all__[:-1])
+bases = all(issubclass(kind, APIError) for kind in (AuthenticationError, ConnectionFailed,
+            InvalidRequest, Overloaded, ServerError, TransportError))
+print(light, same, bases, issubclass(ConnectionFailed, TransportError))
+"""
+
+
+def test_the_error_classes_come_from_the_top_level_package_which_stays_light() -> None:
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"] * 4
+    with pytest.raises(AttributeError, match="NoSuchThing"):
+        import tunnelvision
+
+        tunnelvision.NoSuchThing  # noqa: B018
+    assert issubclass(InvalidRequest, APIError)
