@@ -219,6 +219,16 @@ def test_a_wrong_key_is_a_clear_error_before_any_frame(env: str, monkeypatch: py
         auto_annotate(monkeypatch, task_labels(["cat"], "mask"), "-p", "prompt=str:cat")
 
 
+def test_a_server_that_does_not_answer_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from support import free_port
+
+    monkeypatch.setenv("TUNNELVISION_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("TUNNELVISION_API_KEY", "tv_any")
+    with pytest.raises(TunnelvisionCVATError, match="cannot reach") as caught:
+        load("prompt=str:cat")
+    assert "answered" not in str(caught.value)
+
+
 def test_unknown_model_shape_and_empty_prompt_are_refused(env: str) -> None:
     with pytest.raises(TunnelvisionCVATError, match="serves no model 'nope'; it has"):
         load("prompt=str:cat", "model=str:nope")

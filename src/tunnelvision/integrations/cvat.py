@@ -26,11 +26,10 @@ from typing import Any, Literal
 
 import cvat_sdk.auto_annotation as cvataa
 import cvat_sdk.masks
-import httpx
 import PIL.Image
 from cvat_sdk import models
 
-from tunnelvision.client import APIError, AuthenticationError, Client
+from tunnelvision.client import APIError, AuthenticationError, Client, TransportError
 from tunnelvision.masks import BoolMask, decode_rle, encode_polygons
 from tunnelvision.schemas import RLE, Detection, Segmentation, normalize_prompt
 
@@ -110,10 +109,10 @@ def check_server(client: Client, model: str | None, needs: set[str]) -> None:
             f"{client.url} refused the API key ({exc.status} {exc.message}): set TUNNELVISION_API_KEY "
             "to a key of that server"
         ) from None
+    except TransportError as exc:  # no answer: its message names the URL and what to check
+        raise TunnelvisionCVATError(str(exc)) from None
     except APIError as exc:
         raise TunnelvisionCVATError(f"{client.url} answered {exc}") from None
-    except httpx.HTTPError as exc:
-        raise TunnelvisionCVATError(f"cannot reach {client.url}: {exc}") from None
     pipelines = {p.name: p for p in served.pipelines}
     chosen = pipelines.get(model) if model else served.pipelines[0] if served.pipelines else None
     if chosen is None:
