@@ -11,14 +11,18 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, SettingsError
 
 from tunnelvision import __version__
 from tunnelvision.config import Settings
@@ -76,16 +80,16 @@ def command_words(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     handler: Any = args.handler
     try:
         code = int(handler(args))
         sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
     except KeyCommandError as exc:  # a keys file that cannot be used, a name taken: a message
-        print(f"tunnelvision: {exc}", file=sys.stderr)
+        print(f"tunnelvision {command_words(args)}: {exc}", file=sys.stderr)
         return 1
-    except ValidationError as exc:  # a bad TUNNELVISION_* variable, in any command
-        print(f"tunnelvision: invalid settings:\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:  # a bad TUNNELVISION_* variable, in any command
+        print(settings_problem(exc, args), file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`tunnelvision doctor --json | head -1`): stop quietly, as Unix
@@ -95,8 +99,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+class Parser(argparse.ArgumentParser):
+    """Says an error in three lines: the command's usage, the problem, where its help is (the
+    full usage of `serve` is some 20 lines, which buried the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\nsee `{self.prog} --help`\n")
+
+    def short_usage(self) -> str:
+        usage = self.format_usage().strip()
+        if "\n" not in usage:
+            return usage
+        # Too long for a line: what must be typed (positionals, required flags); the rest is [options].
+        needed = [action for action in self._actions if action.required or not action.option_strings]
+        formatter = self._get_formatter()
+        formatter.add_usage(None, needed, [], prefix="")
+        words = formatter.format_help().strip().removeprefix(self.prog)
+        return f"usage: {self.prog} [options]{words}"
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the command they were given to, with its usage (argparse: by the top one)
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that `args` ran, e.g. `keys add`'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                return chosen_parser(action.choices[name], args)
+    return parser
+
+
+def name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """`the following arguments are required: {add,list,revoke}`, not the internal `keys_command`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.metavar = "{" + ",".join(action.choices) + "}"
+            for subparser in action.choices.values():
+                name_subcommands(subparser)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunnelvision", description=__doc__)
+    parser = Parser(prog="tunnelvision", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tunnelvision {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -140,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_command(commands)
     add_tunnel_commands(commands)
     add_doctor_command(commands)
+    name_subcommands(parser)
     return parser
 
 
@@ -177,21 +227,50 @@ def scopes_argument(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} (default: {default}; env TUNNELVISION_{name.upper()})"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseSettings] = Settings) -> None:
+    for name, field in model.model_fields.items():
+        flag = flag_name(name)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         annotation = field.annotation
         if annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(annotation), **kwargs)
+            action = parser.add_argument(flag, choices=typing.get_args(annotation), **kwargs)
         elif typing.get_origin(annotation) is list:  # repeatable: --pipeline a=X --pipeline b=Y
-            parser.add_argument(flag, action="append", metavar=name.upper(), **kwargs)
+            action = parser.add_argument(flag, action="append", metavar=name.upper(), **kwargs)
         else:
-            parser.add_argument(flag, type=_scalar_type(annotation), **kwargs)
+            action = parser.add_argument(flag, type=_scalar_type(annotation), **kwargs)
+        # Set afterwards: BooleanOptionalAction appends a "(default: ...)" of its own on some Pythons.
+        action.help = flag_help(name, field, env_name(name, model))
+    parser.set_defaults(settings_flags=True)  # its errors can name the flag
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str, model: type[BaseSettings] = Settings) -> str:
+    return f"{model.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def flag_help(name: str, field: FieldInfo, variable: str) -> str:
+    """`DESCRIPTION (default: X; env TUNNELVISION_NAME)`: one default, in words."""
+    described = field.description or ""
+    facts = f"env {variable}"
+    if "(default:" not in described:  # a description may say its default better than the value
+        facts = f"default: {default_text(field)}; {facts}"
+    return f"{described} ({facts})".strip().replace("%", "%%")  # argparse %-formats help
+
+
+def default_text(field: FieldInfo) -> str:
+    if field.is_required():  # pydantic's default is then its PydanticUndefined marker
+        return "none, required"
+    value = field.get_default(call_default_factory=True)
+    if value is None or value == "" or value == []:
+        return "none"
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        return str("~" / value.relative_to(Path.home()))
+    return str(value)
 
 
 def _scalar_type(annotation: Any) -> type:
@@ -209,9 +288,62 @@ def valid_settings(args: argparse.Namespace) -> Settings | None:
     """The settings from flags and environment, or None after saying what is wrong."""
     try:
         return settings_from_args(args)
-    except ValidationError as exc:
-        print(f"tunnelvision: invalid settings:\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(settings_problem(exc, args), file=sys.stderr)
         return None
+
+
+def settings_problem(exc: ValidationError | SettingsError, args: argparse.Namespace) -> str:
+    """One line per problem, naming the flag and the variable (`serve`, `up`) or the variable alone
+    (commands without settings flags), in our words rather than pydantic's report."""
+    flags = bool(getattr(args, "settings_flags", False))
+    if isinstance(exc, ValidationError):
+        lines = [validation_problem(error, flags) for error in exc.errors(include_url=False)]
+    else:
+        lines = [unparsable_variable(exc)]
+    return "\n".join(f"tunnelvision {command_words(args)}: {line}" for line in lines)
+
+
+def setting_name(field: str, flags: bool) -> str:
+    """`--deadline-s (TUNNELVISION_DEADLINE_S)`, or the variable alone where there is no flag."""
+    return f"{flag_name(field)} ({env_name(field)})" if flags else env_name(field)
+
+
+def validation_problem(error: ErrorDetails, flags: bool) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    if field not in Settings.model_fields:  # a rule across settings: name those it mentions
+        return _name_settings(_reason(error), flags)
+    given = error.get("input")
+    # The value, to spot a typo; never a secret's.
+    shown = isinstance(given, (str, int, float)) and "api_key" not in field
+    return f"{setting_name(field, flags)}: {_reason(error)}" + (f" (got {given!r})" if shown else "")
+
+
+def _reason(error: ErrorDetails) -> str:
+    cause = (error.get("ctx") or {}).get("error")
+    if error["type"] == "value_error" and cause is not None:
+        return str(cause)  # our validator's words, without pydantic's "Value error, "
+    return error["msg"][:1].lower() + error["msg"][1:]
+
+
+def _name_settings(text: str, flags: bool) -> str:
+    """`auth=access needs access_aud` -> `... needs --access-aud (TUNNELVISION_ACCESS_AUD)`."""
+    names = sorted((name for name in Settings.model_fields if "_" in name), key=len, reverse=True)
+    pattern = r"\b(" + "|".join(names) + r")\b"
+    return re.sub(pattern, lambda found: setting_name(found.group(1), flags), text)
+
+
+def unparsable_variable(exc: SettingsError) -> str:
+    """pydantic-settings' `error parsing value for field "pipeline" from source ...`: a variable
+    that must be JSON (a list) and is not."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    field = found.group(1) if found else ""
+    if field not in Settings.model_fields:
+        return f"invalid settings: {exc}"
+    variable = env_name(field)
+    if typing.get_origin(Settings.model_fields[field].annotation) is list:
+        return f"""{variable}: must be a JSON list, e.g. {variable}='["first", "second"]'"""
+    return f"{variable}: must be JSON"
 
 
 @needs_server
@@ -312,8 +444,15 @@ def add_predict_command(commands: Any) -> None:
     predict.add_argument("--url", default=None, help="server (default: TUNNELVISION_URL or 127.0.0.1:8000)")
     predict.add_argument("--key", default=None, help="API key (default: TUNNELVISION_API_KEY)")
     predict.add_argument("--concurrency", type=int, default=4)
-    predict.add_argument("--out", type=Path, default=None, help="write overlays, masks and JSON here")
-    predict.add_argument("--coco", type=Path, default=None, help="write COCO instances (RLE) to this file")
+    predict.add_argument(
+        "--out", type=Path, default=None, help="write overlays, masks and JSON here, mirroring the inputs"
+    )
+    predict.add_argument(
+        "--coco", type=Path, default=None, help="write COCO instances (RLE) to this file; a rerun adds to it"
+    )
+    predict.add_argument(
+        "--force", action="store_true", help="redo images the --coco file already has answers for"
+    )
     predict.add_argument("--box-threshold", type=float, default=None)
     predict.add_argument("--text-threshold", type=float, default=None)
     predict.add_argument("--max-detections", type=int, default=None)
@@ -326,25 +465,47 @@ def add_predict_command(commands: Any) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from tunnelvision.batch import CocoWriter, Predictor, find_images, predict
+    from tunnelvision.batch import CocoWriter, PredictError, Predictor, find_images, predict
     from tunnelvision.client import Client
     from tunnelvision.schemas import normalize_prompt
 
-    jobs = find_images(args.paths)
+    jobs = find_images(args.paths, exclude=args.out)
     if not jobs:
         print("tunnelvision: no images found", file=sys.stderr)
         return 2
     options = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections", "model")}
-    coco = CocoWriter(args.coco, normalize_prompt(args.prompt))
-    with Client(args.url, args.key) as client, Progress(transient=True) as progress:
-        predictor = Predictor(
-            client, args.prompt, {k: v for k, v in options.items() if v is not None}, args.out, coco
-        )
-        summary = predict(jobs, predictor, args.concurrency, progress)
+    try:
+        phrases = normalize_prompt(args.prompt)
+        if not phrases:
+            raise PredictError("--prompt has no phrases: e.g. 'forklift . person'")
+        coco = CocoWriter(args.coco, phrases)
+    except (PredictError, ValueError) as exc:  # a bad prompt, an unusable --coco file
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 2
+    if coco.new_labels:
+        print(f"{args.coco}: new categories {', '.join(coco.new_labels)}; its images are asked for them too")
+    try:
+        client = Client(args.url, args.key)
+    except ValueError as exc:  # a URL that is no http(s) URL
+        print(f"tunnelvision: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client, Progress(transient=True) as progress:
+            predictor = Predictor(
+                client, args.prompt, {k: v for k, v in options.items() if v is not None}, args.out, coco
+            )
+            summary = predict(jobs, predictor, args.concurrency, progress, force=args.force)
+    except KeyboardInterrupt:
+        print("tunnelvision: interrupted; run the same command again to go on", file=sys.stderr)
+        return 130
     for name, error in sorted(summary.failed.items()):
         print(f"failed: {name}: {error}", file=sys.stderr)
-    print(f"{summary.done} done, {summary.skipped} skipped (already done), {len(summary.failed)} failed")
-    return 1 if summary.failed else 0
+    if summary.stopped is not None:
+        print(f"tunnelvision: stopped: {summary.stopped}", file=sys.stderr)
+    tried = f", {summary.not_tried} not tried" if summary.not_tried else ""
+    counts = f"{summary.done} done, {summary.skipped} skipped (already done), {len(summary.failed)} failed"
+    print(counts + tried)
+    return 1 if summary.failed or summary.stopped else 0
 
 
 def add_tunnel_commands(commands: Any) -> None:

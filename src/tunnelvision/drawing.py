@@ -19,6 +19,7 @@ from tunnelvision.schemas import RLE, Detection, Segmentation
 
 ImageFormat = Literal["png", "jpeg"]
 MASK_ALPHA = 0.45
+TAG_PAD = 2  # pixels of colour around a tag's text
 
 
 def color_for(label: str | None) -> tuple[int, int, int]:
@@ -52,10 +53,28 @@ def draw_boxes(picture: Image.Image, detections: list[Detection]) -> None:
         draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
         tag = " ".join(p for p in (detection.label, _score(detection.score)) if p)
         if tag:
-            left, top, right, bottom = draw.textbbox((x1, y1), tag, font=font)
-            lift = bottom - top + 4
-            draw.rectangle([left - 2, top - lift, right + 2, bottom - lift + 2], fill=color)
-            draw.text((x1, y1 - lift), tag, fill=(0, 0, 0), font=font)
+            origin = tag_origin(draw, tag, font, (x1, y1), picture.width, width)
+            left, top, right, bottom = draw.textbbox(origin, tag, font=font)
+            draw.rectangle([left - TAG_PAD, top - TAG_PAD, right + TAG_PAD, bottom + TAG_PAD], fill=color)
+            draw.text(origin, tag, fill=(0, 0, 0), font=font)
+
+
+def tag_origin(
+    draw: ImageDraw.ImageDraw,
+    tag: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    corner: tuple[float, float],
+    image_width: int,
+    line: int,
+) -> tuple[float, float]:
+    """Where a box's tag is written: just above its top-left corner, or just inside the box when
+    there is no room above (a box at the image's top edge); shifted left to stay in the image."""
+    x, y = corner
+    left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)  # ink offsets from the origin
+    above = y - TAG_PAD - bottom
+    y = above if above + top - TAG_PAD >= 0 else y + line + TAG_PAD - top
+    x = max(TAG_PAD - left, min(x, image_width - 1 - TAG_PAD - right))
+    return x, y
 
 
 def _score(score: float | None) -> str:

@@ -142,8 +142,8 @@ def test_predict_writes_coco_and_overlays_for_a_folder(python: Path, url: str, t
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         assert len(annotations) == 2
         assert all(coco.annToMask(a).shape == (image["height"], image["width"]) for a in annotations)
-    for stem in ("a", "b"):
-        assert (out / f"{stem}.overlay.png").is_file() and (out / f"{stem}.json").is_file()
+    for name in ("a.png", "b.jpg"):  # outputs keep the input's extension: x.jpg and x.png stay apart
+        assert (out / f"{name}.overlay.png").is_file() and (out / f"{name}.json").is_file()
 
 
 @pytest.mark.parametrize("command", [["serve"], ["up"], ["models", "random", "models-out"]])

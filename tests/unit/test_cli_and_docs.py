@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tunnelvision.cli import build_parser, main, settings_from_args
+from tunnelvision.cli import add_settings_flags, build_parser, main, settings_from_args
 from tunnelvision.config import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -92,7 +95,29 @@ def test_a_bad_environment_variable_is_a_message_in_every_command(
 ) -> None:
     monkeypatch.setenv("TUNNELVISION_PORT", "not-a-port")
     assert main(["keys", "list"]) == 2
-    assert "invalid settings" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("tunnelvision keys list: TUNNELVISION_PORT: input should be a valid integer")
+    assert "'not-a-port'" in error and "pydantic" not in error
+
+
+class WithRequired(BaseSettings):
+    """A settings model with a field that has no default (Settings has none today)."""
+
+    model_config = SettingsConfigDict(env_prefix="APP_")
+
+    token: str = Field(description="a token")
+    ratio: float = Field(0.5, description="share of 100% (default: half)")
+    names: list[str] = Field(default_factory=list, description="names")
+
+
+def test_flag_help_never_shows_pydantics_placeholder_nor_two_defaults() -> None:
+    parser = argparse.ArgumentParser(prog="x")
+    add_settings_flags(parser, WithRequired)
+    text = " ".join(parser.format_help().split())
+    assert "PydanticUndefined" not in text
+    assert "--token TOKEN a token (default: none, required; env APP_TOKEN)" in text
+    assert "--ratio RATIO share of 100% (default: half) (env APP_RATIO)" in text  # its own, once
+    assert "--names NAMES names (default: none; env APP_NAMES)" in text
 
 
 def test_models_random_writes_one_family_checkpoint(

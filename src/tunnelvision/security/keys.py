@@ -213,9 +213,14 @@ def read_keys_file(path: Path) -> list[StoredKey]:
         ) from None
     except RecursionError:
         raise KeysFileProblem(f"the keys file {path} is not valid JSON (nested too deeply)") from None
+    except ValueError:  # JSON, but with a number of thousands of digits (Python refuses to read it)
+        raise KeysFileProblem(f"the keys file {path} holds a number too long to read") from None
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
-        raise KeysFileProblem(f'the keys file {path} has no "keys" list')
+        raise KeysFileProblem(
+            f'the keys file {path} has no "keys" list ({_keys_fault(data)}; `tunnelvision keys add` '
+            'writes {"keys": [...]})'
+        )
     return [_stored_key(path, number, entry) for number, entry in enumerate(entries, 1)]
 
 
@@ -253,9 +258,33 @@ def _stored_key(path: Path, number: int, entry: Any) -> StoredKey:
     fields = entry if isinstance(entry, dict) else {}
     name, sha256 = fields.get("name"), fields.get("sha256")
     if not isinstance(name, str) or not name or not isinstance(sha256, str) or not _is_sha256(sha256):
-        raise KeysFileProblem(f'the keys file {path}: entry {number} lacks a "name" or a valid "sha256"')
+        raise KeysFileProblem(
+            f'the keys file {path}: entry {number} lacks a "name" or a valid "sha256" '
+            f"({_entry_fault(entry, name, sha256)})"
+        )
     hint, created = str(fields.get("hint", "")), str(fields.get("created", ""))
     return StoredKey(name, sha256, hint, created, _stored_scopes(path, number, fields))
+
+
+def _keys_fault(data: Any) -> str:
+    if not isinstance(data, dict):
+        return f"it holds {_json_kind(data)}"
+    return f'its "keys" is {_json_kind(data["keys"])}' if "keys" in data else "the object lacks it"
+
+
+def _entry_fault(entry: Any, name: object, sha256: object) -> str:
+    if not isinstance(entry, dict):
+        return f"it is {_json_kind(entry)}, not an object"
+    if not isinstance(name, str) or not name:
+        return 'no "name"' if name is None else '"name" is not a text'
+    if sha256 is None:
+        return 'no "sha256"'
+    return '"sha256" is not 64 lowercase hex digits'
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", int: "a number"}
+    return "null" if value is None else kinds.get(type(value), "a number")
 
 
 def _stored_scopes(path: Path, number: int, fields: dict[str, Any]) -> tuple[str, ...]:
