@@ -44,6 +44,18 @@ def encode_polygons(mask: BoolMask) -> list[list[float]]:
     return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
 
 
+def largest_outline(mask: BoolMask, epsilon_factor: float = 0.0) -> list[list[float]]:
+    """The largest outer contour as [[x, y], ...], simplified to within `epsilon_factor` of its
+    length (Douglas-Peucker); [] for an empty mask."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    largest = max(contours, key=cv2.contourArea)
+    if epsilon_factor > 0:
+        largest = cv2.approxPolyDP(largest, epsilon_factor * cv2.arcLength(largest, True), True)
+    return [[float(x), float(y)] for x, y in largest.reshape(-1, 2)]
+
+
 def encode_png(mask: BoolMask) -> str:
     buffer = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG", optimize=False)

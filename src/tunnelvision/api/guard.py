@@ -300,8 +300,10 @@ class GuardMiddleware(HttpMiddleware):
             await self.app(scope, receive, send)
             return
         credentials = Credentials.from_headers(headers)
+        roboflow_shaped = KEY_IN_BODY.fullmatch(scope["path"]) is not None
+        state["message_on_top"] = roboflow_shaped  # its clients read errors' `message` there
         try:
-            if credentials.api_key is None and KEY_IN_BODY.fullmatch(scope["path"]):
+            if credentials.api_key is None and roboflow_shaped:
                 credentials = credentials.with_key(QueryParams(scope["query_string"]).get("api_key"))
                 if credentials.api_key is None and self.auth.effective_policy() != "none":
                     body, key = await self._key_in_body(scope, receive)

@@ -155,8 +155,11 @@ async def send_json_error(
     scope: Scope, send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> None:
     """An error in our JSON shape, from middleware (outside FastAPI's exception handlers)."""
-    rid = scope.get("state", {}).get("request_id")
-    body: dict[str, Any] = {"error": {"code": code, "message": message, "request_id": rid}}
+    state = scope.get("state", {})
+    error = {"code": code, "message": message, "request_id": state.get("request_id")}
+    body: dict[str, Any] = {"error": error}
+    if state.get("message_on_top"):  # a client that reads Roboflow's `{"message": ...}` errors
+        body["message"] = message
     payload = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
