@@ -354,3 +354,44 @@ def client_venv(
 def _pip(python: Path, *args: str) -> None:
     done = subprocess.run([str(python), "-m", "pip", *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def run_tunnelvision(
+    *args: str,
+    env: dict[str, str] | None = None,
+    inherit_settings: bool = True,
+    timeout: float = 60,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The `tunnelvision` CLI as a user runs it. Its keys file and data folder point nowhere unless
+    `env` says otherwise; `inherit_settings=False` also drops the shell's TUNNELVISION_* variables."""
+    import sys
+
+    inherited = {k: v for k, v in os.environ.items() if inherit_settings or not k.startswith("TUNNELVISION_")}
+    environment = {
+        **inherited,
+        "TUNNELVISION_KEYS_FILE": "/nonexistent/keys.json",
+        "TUNNELVISION_DATA_DIR": "/nonexistent/data",  # no `up` state but the test's own
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tunnelvision.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=environment,
+    )
+
+
+@contextmanager
+def keyed_cli_server(
+    models: tuple[Path, Path], folder: Path, key_name: str, *extra: str
+) -> Iterator[tuple[str, str]]:
+    """`cli_server` with a keys file holding one `predict` key: (url, key)."""
+    from tunnelvision.security.keys import KeyStore
+
+    keys = folder / "keys.json"
+    key = KeyStore(keys).add(key_name, ["predict"])
+    with cli_server(*models, "--no-warmup", "--keys-file", str(keys), *extra) as (url, _):
+        yield url, key

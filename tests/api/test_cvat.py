@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import cli_server, image_bytes
+from support import image_bytes, keyed_cli_server
 from tunnelvision.client import Client, decode_masks
-from tunnelvision.security.keys import KeyStore
 
 cvataa = pytest.importorskip("cvat_sdk.auto_annotation")
 cvat_main = pytest.importorskip("cvat_cli.__main__")  # cvat-cli needs Python >= 3.11
@@ -46,10 +45,8 @@ def server(
     tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """A keyed server: (url, key)."""
-    keys = tmp_path_factory.mktemp("cvat-keys") / "keys.json"
-    key = KeyStore(keys).add("cvat", ["predict"])
-    with cli_server(*tiny_models, "--no-warmup", "--keys-file", str(keys)) as (url, _):
-        yield url, key
+    with keyed_cli_server(tiny_models, tmp_path_factory.mktemp("cvat-keys"), "cvat") as server:
+        yield server
 
 
 @pytest.fixture

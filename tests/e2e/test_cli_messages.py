@@ -4,34 +4,20 @@ our words (no pydantic report, no traceback, not 20 lines of usage), and a non-z
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support import run_tunnelvision
 
 pytestmark = pytest.mark.e2e
 
 
 def tunnelvision(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # Only the test's own TUNNELVISION_* variables, whatever the shell running the tests has set.
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELVISION_")}
-    environment = {
-        **inherited,
-        "COLUMNS": "80",
-        "TUNNELVISION_KEYS_FILE": "/nonexistent/keys.json",
-        "TUNNELVISION_DATA_DIR": "/nonexistent/data",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "tunnelvision.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment,
-    )
+    return run_tunnelvision(*args, env={"COLUMNS": "80", **(env or {})}, inherit_settings=False)
 
 
 def assert_said_in_words(result: subprocess.CompletedProcess[str], code: int) -> list[str]:

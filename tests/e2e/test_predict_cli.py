@@ -17,8 +17,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from support import cli_server, free_port, image_bytes
-from tunnelvision.security.keys import KeyStore
+from support import free_port, image_bytes, keyed_cli_server
 
 FIND_ALL = ("--box-threshold", "0", "--max-detections", "3")
 
@@ -27,10 +26,8 @@ FIND_ALL = ("--box-threshold", "0", "--max-detections", "3")
 def server(
     tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
-    keys = tmp_path_factory.mktemp("keys") / "keys.json"
-    key = KeyStore(keys).add("batch", ["predict"])
-    with cli_server(*tiny_models, "--no-warmup", "--keys-file", str(keys)) as (server_url, _):
-        yield server_url, key
+    with keyed_cli_server(tiny_models, tmp_path_factory.mktemp("keys"), "batch") as server:
+        yield server
 
 
 def predict(

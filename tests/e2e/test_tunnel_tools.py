@@ -18,7 +18,15 @@ import httpx
 import pytest
 import yaml
 
-from support import FakeBackend, ThreadServer, free_port, image_bytes, make_settings, wait_for
+from support import (
+    FakeBackend,
+    ThreadServer,
+    free_port,
+    image_bytes,
+    make_settings,
+    run_tunnelvision,
+    wait_for,
+)
 from tunnelvision.security.keys import KeyStore
 from tunnelvision.tunnel.up import pid_alive
 
@@ -67,21 +75,8 @@ def tunnelvision(
     path_dir: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    environment = {
-        **os.environ,
-        "TUNNELVISION_KEYS_FILE": "/nonexistent/keys.json",
-        "TUNNELVISION_DATA_DIR": "/nonexistent/data",  # no `up` state but the test's own
-        **(env or {}),
-    }
-    if path_dir is not None:
-        environment["PATH"] = f"{path_dir}{os.pathsep}{environment['PATH']}"
-    return subprocess.run(
-        [sys.executable, "-m", "tunnelvision.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment,
-    )
+    path = {"PATH": f"{path_dir}{os.pathsep}{os.environ['PATH']}"} if path_dir is not None else {}
+    return run_tunnelvision(*args, env={**path, **(env or {})})
 
 
 def keys_file_with_a_key(folder: Path) -> tuple[Path, str]:
