@@ -152,7 +152,7 @@ def test_owlv2_detects_from_text_from_exemplars_and_from_both(url: str) -> None:
 
 def test_sam3_finds_instances_from_text_exemplars_or_both(url: str) -> None:
     # Random weights: scores near 0.25 and boxes in about one place, so no threshold and no NMS.
-    fields = {
+    fields: dict[str, Any] = {
         "model": "sam3",
         "box_threshold": 0.0,
         "text_threshold": 0.0,

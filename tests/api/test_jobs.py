@@ -118,7 +118,7 @@ def test_a_key_lists_its_own_jobs_newest_first_a_page_at_a_time(tmp_path: Path) 
         seen: list[str] = []
         after: str | None = None
         for _ in range(5):  # pages of 2: 2, 2, 1
-            params = {"limit": 2, **({"after": after} if after else {})}
+            params: dict[str, str | int] = {"limit": 2, **({"after": after} if after else {})}
             page = httpx.get(f"{srv.url}/v1/jobs", params=params, headers=alice)
             assert page.status_code == 200, page.text
             seen += [job["id"] for job in page.json()["jobs"]]
