@@ -14,12 +14,10 @@ outside `--out` and `x.jpg` and `x.png` stay apart:
 from __future__ import annotations
 
 import base64
-import contextlib
 import glob
 import itertools
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -32,6 +30,7 @@ import httpx
 from tunnelvision.client import APIError, AuthenticationError, Client
 from tunnelvision.coco import Coco, coco_problem
 from tunnelvision.drawing import annotate
+from tunnelvision.files import staging_path, write_atomic
 from tunnelvision.imaging import decode_image
 from tunnelvision.masks import decode_rle, encode_png
 from tunnelvision.schemas import RLE, SegmentResponse
@@ -94,24 +93,6 @@ def _expand(spec: str) -> tuple[str, list[Path]]:
 
 def _inside(path: Path, folder: Path) -> bool:
     return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
-
-
-def staging_path(path: Path) -> Path:
-    """A new name beside `path` to write to first (not mkstemp's: its mode 0600 would stay)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`path` holds the old bytes or the new, never a part; no staging file outlives a failure."""
-    staging = staging_path(path)
-    try:
-        with open(staging, "xb") as handle:
-            handle.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staging)
-        raise
 
 
 def read_coco(path: Path) -> dict[str, Any] | None:

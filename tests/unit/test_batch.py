@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tunnelvision.batch import find_images, write_atomic
+from tunnelvision.batch import find_images
 from tunnelvision.coco import Coco
 from tunnelvision.drawing import color_for, draw_boxes
+from tunnelvision.files import write_atomic
 from tunnelvision.masks import encode_rle
 from tunnelvision.schemas import Detection, SegmentResponse
 

@@ -29,6 +29,7 @@ import httpx
 
 from tunnelvision.config import Settings
 from tunnelvision.exposure import UnsafeExposure, require_auth_for_publishing
+from tunnelvision.files import write_atomic
 from tunnelvision.security.keys import KeyCommandError, KeyStore
 from tunnelvision.tunnel.quick import INSTALL_HINT, LIMITS, URL_PATTERN, config_file_warning
 
@@ -74,9 +75,7 @@ def read_state(data_dir: Path) -> UpState | None:
 def write_state(data_dir: Path, state: UpState) -> None:
     path = state_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{STATE_FILE}.tmp")
-    staging.write_text(json.dumps(asdict(state), indent=2))
-    os.replace(staging, path)
+    write_atomic(path, json.dumps(asdict(state), indent=2).encode())
 
 
 def pid_alive(pid: int) -> bool:
