@@ -351,6 +351,10 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = valid_settings(args)
     if settings is None:
         return 2
+    if settings.ray:  # imported only here: Ray is an optional extra
+        from tunnelvision.distributed.cluster import serve_on_ray
+
+        return serve_on_ray(settings)
     from tunnelvision.server import serve
 
     return serve(settings)
@@ -515,7 +519,20 @@ def add_tunnel_commands(commands: Any) -> None:
     config.add_argument("--hostname", required=True, help="public hostname, e.g. api.example.com")
     config.add_argument("--tunnel", required=True, help="tunnel UUID (`cloudflared tunnel list`)")
     config.add_argument("--credentials-file", required=True, help="the tunnel's credentials JSON")
-    config.add_argument("--port", type=int, default=8000, help="the API's port (default 8000)")
+    config.add_argument("--port", type=int, default=None, help="the API's port on this box (default 8000)")
+    config.add_argument(
+        "--origin",
+        default=None,
+        help="send traffic to http(s)://HOST:PORT instead of 127.0.0.1:PORT (another box, a Ray ingress)",
+    )
+    config.add_argument(
+        "--topology",
+        choices=["box", "replicas", "sites", "ray"],
+        default="box",
+        help="how the tunnel is used: one box (default), replicas of one tunnel, one tunnel per site "
+        "behind Load Balancing, or a Ray cluster's ingress; prints what to do and what Cloudflare "
+        "balances (docs/SCALING.md)",
+    )
     config.add_argument("--metrics", default="127.0.0.1:20241", help="cloudflared metrics address")
     config.add_argument("--out", type=Path, default=None, help="file to write (default: print it)")
     config.set_defaults(handler=run_tunnel_config)
@@ -558,34 +575,43 @@ def add_doctor_command(commands: Any) -> None:
 
 def run_tunnel_config(args: argparse.Namespace) -> int:
     from tunnelvision.tunnel.config import (
+        DEFAULT_PORT,
         TunnelConfigError,
         build_config,
+        config_notes,
         render_config,
         validate_with_cloudflared,
     )
 
+    if args.origin is not None and args.port is not None:
+        print("tunnelvision: give --origin or --port, not both", file=sys.stderr)
+        return 2
+    port = DEFAULT_PORT if args.port is None else args.port
     try:
-        text = render_config(
-            build_config(args.hostname, args.tunnel, args.credentials_file, args.port, args.metrics)
+        config = build_config(
+            args.hostname, args.tunnel, args.credentials_file, port, args.metrics, args.origin
         )
     except TunnelConfigError as exc:
         print(f"tunnelvision: {exc}", file=sys.stderr)
         return 2
+    text, code = render_config(config), 0
     if args.out is None:
         print(text, end="")
-        return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}", file=sys.stderr)
-    verdict = validate_with_cloudflared(args.out)
-    if verdict is None:
-        print(
-            "cloudflared is not installed here; validate later with `cloudflared tunnel ingress validate`",
-            file=sys.stderr,
-        )
-        return 0
-    print(verdict[1], file=sys.stderr)
-    return 0 if verdict[0] else 1
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+        verdict = validate_with_cloudflared(args.out)
+        if verdict is None:
+            later = "validate later with `cloudflared tunnel ingress validate`"
+            print(f"cloudflared is not installed here; {later}", file=sys.stderr)
+        else:
+            print(verdict[1], file=sys.stderr)
+            code = 0 if verdict[0] else 1
+    # The advice goes to stderr, so that without --out stdout is the YAML alone.
+    for line in config_notes(config, args.topology):
+        print(line, file=sys.stderr)
+    return code
 
 
 def run_tunnel_systemd(args: argparse.Namespace) -> int:

@@ -116,6 +116,31 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="one JSON line per request (never the key itself)")
 
+    # -- Ray Serve mode --------------------------------------------------------------------------
+    ray: bool = Field(
+        False,
+        description="run the models as a Ray Serve deployment (pip install 'tunnelvision[ray]'); "
+        "this process stays the HTTP ingress",
+    )
+    ray_address: str = Field(
+        "", description="Ray cluster to join (e.g. 10.0.0.5:6379); none: start a local one"
+    )
+    ray_min_replicas: int = Field(1, ge=1, description="Ray mode: fewest model replicas")
+    ray_max_replicas: int = Field(
+        1, ge=1, description="Ray mode: most model replicas (above min: autoscaled on requests in flight)"
+    )
+    ray_num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="Ray mode: GPUs per replica, may be fractional; none: 1 if the cluster has GPUs, else 0",
+    )
+    ray_upscale_delay_s: float = Field(
+        10.0, ge=0, description="Ray mode: load held this long before a replica is added"
+    )
+    ray_downscale_delay_s: float = Field(
+        120.0, ge=0, description="Ray mode: quiet held this long before a replica is removed"
+    )
+
     # -- jobs ------------------------------------------------------------------------------------
     data_dir: Path = Field(
         default_factory=lambda: Path.home() / ".local" / "share" / "tunnelvision",
@@ -239,6 +264,12 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return _comma_list(self.cors_origins)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Settings:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError("ray_max_replicas must be at least ray_min_replicas")
+        return self
 
     @field_validator("deadline_s")
     @classmethod

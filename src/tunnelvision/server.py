@@ -9,7 +9,7 @@ from types import FrameType
 import uvicorn
 
 from tunnelvision.api.app import create_app
-from tunnelvision.api.state import AppState
+from tunnelvision.api.state import AppState, BackendFactory
 from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
 from tunnelvision.exposure import UnsafeExposure, check_exposure
 from tunnelvision.logs import configure_logging, stop_logging
@@ -43,15 +43,16 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, backend_factory: BackendFactory | None = None) -> int:
+    """`backend_factory`: None for the models on this machine's devices (Ray mode passes its own)."""
     configure_logging(settings.log_level)
     try:
-        return _serve(settings)
+        return _serve(settings, backend_factory)
     finally:
         stop_logging()  # writes the queued lines, the refusal or the last words included
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, backend_factory: BackendFactory | None) -> int:
     try:
         warning = check_exposure(settings)
     except UnsafeExposure as exc:
@@ -65,7 +66,7 @@ def _serve(settings: Settings) -> int:
             settings.keep_alive_s,
             CLOUDFLARED_KEEPALIVE_S,
         )
-    app = create_app(settings)
+    app = create_app(settings, backend_factory)
     state: AppState = app.state.tunnelvision
     config = uvicorn.Config(
         app,
