@@ -23,6 +23,8 @@ SCHEDULER_COUNTERS = (
     "dropped_shutdown",
     "batch_retries_single",
     "batch_splits_oom",
+    "affinity_kept",  # a reused image ran on the device that holds its embedding
+    "affinity_moved",  # ... or on another, its own being busy while that one was idle
 )
 
 

@@ -34,3 +34,19 @@ def test_load_generator_refuses_other_hosts() -> None:
     require_loopback("http://127.0.0.1:8000")
     with pytest.raises(SystemExit):
         require_loopback("http://10.0.0.5:8000")
+
+
+def test_replica_benchmark_runs_in_smoke_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "replicas.py"), "--smoke", "--images", "4", "--clients", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| trivial", "| realistic"))]
+    assert len(rows) == 6, result.stdout  # 1, 2 and 4 replicas for each workload
+    cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
+    assert all(int(row[5]) > 0 and row[6] == "0" for row in cells), result.stdout  # answers, no errors
+    assert "scaling_4_vs_1=" in result.stdout

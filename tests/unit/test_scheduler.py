@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from support import image_bytes
+from tunnelvision.engine.engine import Engine, EngineConfig
 from tunnelvision.engine.scheduler import BACKGROUND, INTERACTIVE, Scheduler
 from tunnelvision.errors import (
     DeadlineExceeded,
@@ -18,6 +20,8 @@ from tunnelvision.errors import (
     ShuttingDown,
     WorkerUnavailable,
 )
+from tunnelvision.models.simulated import SimulatedBackend
+from tunnelvision.schemas import DetectParams, SegmentParams
 
 
 class Gate:
@@ -391,3 +395,108 @@ def wait_until(condition: Any, timeout_s: float = 5) -> None:
     while not condition():
         assert time.monotonic() < end, "condition not met in time"
         time.sleep(0.01)
+
+
+# -- affinity: requests naming one image go to the replica that holds its embedding --------------
+
+
+def two_replicas() -> Scheduler[str]:
+    scheduler: Scheduler[str] = Scheduler(["a", "b"], max_queue=64)
+    scheduler.start()
+    return scheduler
+
+
+def test_tasks_with_one_affinity_run_on_one_replica_even_when_another_is_idle() -> None:
+    scheduler = two_replicas()
+    keys = [f"image-{i}" for i in range(16)]
+    first = {key: result(scheduler.submit(lambda r: r, far(), affinity=key).future) for key in keys}
+    # in another order: whichever worker happens to wake must not decide
+    again = {key: result(scheduler.submit(lambda r: r, far(), affinity=key).future) for key in keys[::-1]}
+    assert again == first
+    assert set(first.values()) == {"a", "b"}  # the keys spread over both replicas
+    assert scheduler.stats()["affinity_kept"] == 32
+
+
+def test_a_task_pinned_to_a_busy_replica_moves_once_it_has_waited_and_its_key_follows() -> None:
+    scheduler, gate = two_replicas(), Gate()
+    home = scheduler.home_of("image")
+    scheduler.submit(gate, far(), affinity="image")  # keeps its replica busy
+    assert gate.entered.wait(5)
+    began = time.monotonic()
+    other = result(scheduler.submit(lambda r: r, far(), affinity="image").future)
+    assert other == ["a", "b"][1 - (home or 0)] and time.monotonic() - began < 2
+    assert scheduler.stats()["affinity_moved"] == 1
+    gate.release.set()
+    # the replica that ran it now holds the embedding: the image's next requests go there
+    assert scheduler.home_of("image") == 1 - (home or 0)
+    assert result(scheduler.submit(lambda r: r, far(), affinity="image").future) == other
+
+
+def test_a_replica_runs_its_own_tasks_before_stealing_those_waiting_on_a_busy_one() -> None:
+    scheduler, gate_a, gate_b, order = two_replicas(), Gate(), Gate(), []
+    on_a, on_b = (
+        next(f"image-{i}" for i in range(100) if scheduler.home_of(f"image-{i}") == n) for n in (0, 1)
+    )
+    scheduler.submit(gate_a, far(), affinity=on_a)
+    scheduler.submit(gate_b, far(), affinity=on_b)
+    assert gate_a.entered.wait(5) and gate_b.entered.wait(5)
+
+    def record(name: str) -> Any:
+        return lambda replica: order.append((name, replica))
+
+    tasks = [scheduler.submit(record(f"for a {i}"), far(), affinity=on_a) for i in range(3)]
+    tasks += [scheduler.submit(record(f"for b {i}"), far(), affinity=on_b) for i in range(3)]
+    gate_b.release.set()  # b is free first; a stays busy
+    for task in tasks:
+        result(task.future)
+    gate_a.release.set()
+    assert order[:3] == [(f"for b {i}", "b") for i in range(3)]  # its own first, though queued later
+    assert order[3:] == [(f"for a {i}", "b") for i in range(3)]  # then a's, which a kept waiting
+
+
+def test_a_task_pinned_to_a_stopped_replica_runs_on_another() -> None:
+    def runner(replica: str, items: list[Any]) -> list[Any]:
+        if replica == "a" and "lose a" in items:
+            raise RuntimeError("CUDA error: lost")
+        return [replica for _ in items]
+
+    scheduler: Scheduler[str] = Scheduler(
+        ["a", "b"], 8, runner=runner, is_fatal=lambda exc: "CUDA error" in str(exc)
+    )
+    scheduler.start()
+    pinned_to_a = next(f"image-{i}" for i in range(100) if scheduler.home_of(f"image-{i}") == 0)
+    with pytest.raises(WorkerUnavailable):
+        result(scheduler.submit("lose a", far(), affinity=pinned_to_a).future)
+    wait_until(lambda: scheduler.stats()["workers_alive"] == 1)
+    assert result(scheduler.submit("x", far(), affinity=pinned_to_a).future) == "b"
+
+
+class Recording(SimulatedBackend):
+    """A replica that notes what its passes saw: here each image's size names the image."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_ms=1, item_ms=0)
+        self.seen: list[Any] = []
+
+    def run_batch(self, items: list[tuple[Any, DetectParams]]) -> list[Any]:
+        self.seen += [prepared for prepared, _ in items]
+        return super().run_batch(items)
+
+
+def test_the_engine_sends_a_request_reusing_an_image_id_to_the_replica_that_ran_the_image() -> None:
+    replicas = [Recording(), Recording()]
+
+    async def scenario() -> None:
+        async with Engine(replicas, EngineConfig(image_cache_bytes=2**24)) as engine:
+            sizes = [(40 + i, 30) for i in range(12)]  # (width, height): one size per image
+            ids = [
+                (await engine.segment(image_bytes(w, h), SegmentParams(prompt="cat"))).image_id
+                for w, h in sizes
+            ]
+            for image_id in ids[::-1]:
+                await engine.segment(None, SegmentParams(prompt="cat", image_id=image_id))
+
+    asyncio.run(scenario())
+    for replica in replicas:  # each image ran twice, both times on one replica
+        assert all(replica.seen.count(size) == 2 for size in replica.seen), replica.seen
+    assert replicas[0].seen and replicas[1].seen

@@ -331,6 +331,7 @@ class Engine:
                 deadline.at,
                 priority,
                 key=None if key is None else (serving.number, key),
+                affinity=image_id or None,  # the replica that holds (or will hold) its embedding
             )
         finally:
             self._preparing -= 1

@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 INTERACTIVE = 0  # priorities: lower runs first
 BACKGROUND = 10
+MOVED_KEYS = 65_536  # affinity keys remembered on another worker than their hash's (see `home_of`)
 
 
 @dataclass(eq=False)
@@ -44,6 +45,8 @@ class Task(Generic[T]):
     priority: int
     enqueued_at: float
     key: Hashable | None = None  # tasks with equal keys may share one device pass; None: never
+    affinity: Hashable | None = None  # tasks with equal affinity go to one worker (see `submit`)
+    home: int | None = None  # that worker; None: any
     future: Future[T] = field(default_factory=Future)
     state: str = "queued"
 
@@ -114,16 +117,20 @@ class Scheduler(Generic[R]):
         self._threads: list[threading.Thread] = []
         self._counts: Counter[str] = Counter()
         self._service_s = 0.0  # moving average of device time per task
+        self._busy = [False] * len(self._replicas)  # per worker: holds a batch
+        self._live = [False] * len(self._replicas)  # per worker: its thread still runs
+        self._moved: OrderedDict[Hashable, int] = OrderedDict()  # affinity -> the worker that took it
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         for index, replica in enumerate(self._replicas):
             thread = threading.Thread(
-                target=self._worker_main, args=(replica,), name=f"{self._name}-{index}", daemon=True
+                target=self._worker_main, args=(index, replica), name=f"{self._name}-{index}", daemon=True
             )
             self._threads.append(thread)
             self._alive += 1
+            self._live[index] = True
             thread.start()
 
     def begin_shutdown(self) -> None:
@@ -148,16 +155,40 @@ class Scheduler(Generic[R]):
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, item: Any, deadline: float, priority: int = 0, key: Hashable | None = None) -> Task[Any]:
-        """Admission is decided now: a full queue raises QueueFull at once."""
-        task: Task[Any] = Task(item, deadline, priority, self._clock(), key)
+    def submit(
+        self,
+        item: Any,
+        deadline: float,
+        priority: int = 0,
+        key: Hashable | None = None,
+        affinity: Hashable | None = None,
+    ) -> Task[Any]:
+        """Admission is decided now: a full queue raises QueueFull at once.
+
+        Tasks with equal `affinity` (an image_id) go to one worker, the one whose replica holds
+        that image's cached embedding; another worker takes such a task only when it has nothing
+        of its own to do and that one has kept the task waiting for a service time while busy, or
+        has stopped. The key then follows the task to the worker that ran it."""
+        task: Task[Any] = Task(item, deadline, priority, self._clock(), key, affinity)
         with self._cond:
             self._check_admission()
+            task.home = self.home_of(affinity)
             heapq.heappush(self._heap, (priority, next(self._order), task))
             self._queued += 1
             self._counts["submitted"] += 1
-            self._cond.notify()
+            # A pinned task must reach its own worker: wake them all, the others go back to sleep.
+            self._cond.notify() if task.home is None else self._cond.notify_all()
         return task
+
+    def home_of(self, affinity: Hashable | None) -> int | None:
+        """The worker for an affinity key: the last one that took a task for it elsewhere than
+        its hash said, else its hash's (stable for the life of the process, which the caches it
+        stands for do not outlive). None with one worker: nothing to choose."""
+        if affinity is None or len(self._replicas) < 2:
+            return None
+        with self._cond:
+            moved = self._moved.get(affinity)
+        return hash(affinity) % len(self._replicas) if moved is None else moved
 
     async def run(self, item: Any, timeout_s: float, priority: int = 0, key: Hashable | None = None) -> Any:
         """Submit and await; on deadline or cancellation a queued task is dropped, not run."""
@@ -238,50 +269,123 @@ class Scheduler(Generic[R]):
                 drained.append(task)
         return drained
 
-    def _next_batch(self) -> list[Task[Any]] | None:
-        """Block until a live task is available, then gather company for it: up to `max_batch`
-        queued tasks with the same key, waiting at most `batch_wait_s`. None at shutdown."""
+    def _next_batch(self, worker: int) -> list[Task[Any]] | None:
+        """Block until a live task this worker may take is available, then gather company for it:
+        up to `max_batch` queued tasks with the same key, waiting at most `batch_wait_s`. None at
+        shutdown."""
         with self._cond:
-            while (first := self._pop_live()) is None:
+            while (first := self._pop_live(worker)) is None:
                 if not self._accepting:
                     return None
-                self._cond.wait()
+                self._cond.wait(self._until_stealable(worker))
             batch = [first]
             if self._max_batch > 1 and first.key is not None:
-                self._gather(batch, first.key)
+                self._gather(batch, first.key, worker)
+            self._busy[worker] = True
+            for task in batch:
+                self._count_affinity(task, worker)
+            if self._queued:  # idle workers re-time their wait for tasks pinned to this one
+                self._cond.notify_all()
             return batch
 
-    def _gather(self, batch: list[Task[Any]], key: Hashable) -> None:
+    def _gather(self, batch: list[Task[Any]], key: Hashable, worker: int) -> None:
         """Wait for company without claiming it, so a companion that is cancelled or expires
         meanwhile is simply not taken: the batch holds what is still wanted when it starts."""
         room = self._max_batch - len(batch)
         until = self._clock() + self._batch_wait_s
-        while self._accepting and self._count_compatible(key) < room and self._company_coming():
+        while self._accepting and self._count_compatible(key, worker) < room and self._company_coming():
             remaining = until - self._clock()
             if remaining <= 0:
                 break
             self._cond.wait(remaining)
-        batch += self._take_compatible(key, room)
+        batch += self._take_compatible(key, room, worker)
+
+    # -- affinity: which worker may take a task ------------------------------------------------
+
+    def _is_mine(self, task: Task[Any], worker: int) -> bool:
+        """Unpinned, pinned to this worker, or pinned to one that has stopped."""
+        home = task.home
+        return home is None or home == worker or not self._live[home]
+
+    def _stealable(self, task: Task[Any]) -> bool:
+        """Pinned to a busy worker that has kept it waiting for one service time: a worker with
+        nothing of its own to do then runs it (a cache miss costs less than idling meanwhile)."""
+        home = task.home
+        return (
+            home is not None
+            and self._busy[home]
+            and self._clock() - task.enqueued_at >= self._steal_after_s()
+        )
+
+    def _steal_after_s(self) -> float:
+        return max(self._service_s, self._batch_wait_s)
+
+    def _until_stealable(self, worker: int) -> float | None:
+        """How long an idle worker may sleep before a task pinned to a busy worker becomes its to
+        take; None: until woken (nothing pinned elsewhere, or its worker is idle and takes it)."""
+        waits = [
+            task.enqueued_at + self._steal_after_s() - self._clock()
+            for _, _, task in self._heap
+            if task.state == "queued" and task.home not in (None, worker) and self._busy[task.home]
+        ]
+        return max(0.001, min(waits)) if waits else None
+
+    def _count_affinity(self, task: Task[Any], worker: int) -> None:
+        """Count where a pinned task ran; one that ran elsewhere moves its key there, since that
+        replica now holds the embedding (bounded: the oldest moves are forgotten first)."""
+        if task.home is None:
+            return
+        self._counts["affinity_kept" if task.home == worker else "affinity_moved"] += 1
+        if task.home != worker:
+            self._moved[task.affinity] = worker
+            self._moved.move_to_end(task.affinity)
+            if len(self._moved) > MOVED_KEYS:
+                self._moved.popitem(last=False)
 
     def _company_coming(self) -> bool:
         return self._company_hint is None or self._company_hint() > 0
 
-    def _count_compatible(self, key: Hashable) -> int:
-        return sum(1 for _, _, task in self._heap if task.state == "queued" and task.key == key)
+    def _count_compatible(self, key: Hashable, worker: int) -> int:
+        return sum(
+            1
+            for _, _, task in self._heap
+            if task.state == "queued" and task.key == key and self._is_mine(task, worker)
+        )
 
-    def _pop_live(self) -> Task[Any] | None:
+    def _pop_live(self, worker: int) -> Task[Any] | None:
+        """The first task in order that is this worker's (the head, usually); with none, one
+        pinned to a busy worker that has kept it waiting (see `_stealable`)."""
         while self._heap:
-            _, _, task = heapq.heappop(self._heap)
+            task = self._heap[0][2]
+            if task.state == "queued" and not self._is_mine(task, worker):
+                return self._pop_mine_or_steal(worker)
+            heapq.heappop(self._heap)
             if self._claim(task):
                 return task
         return None
 
-    def _take_compatible(self, key: Hashable, room: int) -> list[Task[Any]]:
+    def _pop_mine_or_steal(self, worker: int) -> Task[Any] | None:
+        """Down the queue in order: this worker's first task, unless a stealable one comes
+        first with a better priority (interactive work does not wait behind a batch job)."""
+        thief: Task[Any] | None = None
+        for _, _, task in sorted(self._heap, key=lambda entry: entry[:2]):
+            if task.state != "queued":
+                continue
+            if self._is_mine(task, worker):
+                if thief is not None and thief.priority < task.priority and self._claim(thief):
+                    return thief
+                if self._claim(task):
+                    return task
+            elif thief is None and self._stealable(task):
+                thief = task
+        return thief if thief is not None and self._claim(thief) else None
+
+    def _take_compatible(self, key: Hashable, room: int, worker: int) -> list[Task[Any]]:
         taken: list[Task[Any]] = []
         for _, _, task in sorted(self._heap, key=lambda entry: entry[:2]):
             if len(taken) >= room:
                 break
-            if task.key == key and self._claim(task):
+            if task.key == key and self._is_mine(task, worker) and self._claim(task):
                 taken.append(task)  # left in the heap: no longer 'queued', so skipped later
         return taken
 
@@ -298,17 +402,21 @@ class Scheduler(Generic[R]):
         self._running += 1
         return True
 
-    def _worker_main(self, replica: R) -> None:
+    def _worker_main(self, worker: int, replica: R) -> None:
         reason = ""
         try:
-            while (batch := self._next_batch()) is not None:
-                self._execute(batch, replica)
+            while (batch := self._next_batch(worker)) is not None:
+                try:
+                    self._execute(batch, replica)
+                finally:
+                    with self._cond:
+                        self._busy[worker] = False
         except BaseException as exc:  # the thread ends either way; say why, then fail the waiters
             cause = exc.__cause__ if isinstance(exc, WorkerStopped) and exc.__cause__ else exc
             reason = f"{type(cause).__name__}: {cause}"
             log.critical("%s worker died", self._name, exc_info=True)
         finally:
-            self._on_worker_exit(reason)
+            self._on_worker_exit(worker, reason)
 
     def _execute(self, batch: list[Task[Any]], replica: R) -> None:
         live = [task for task in batch if task.future.set_running_or_notify_cancel()]
@@ -382,11 +490,14 @@ class Scheduler(Generic[R]):
         if self._on_batch is not None:
             self._on_batch(len(batch), elapsed, [started - task.enqueued_at for task in batch])
 
-    def _on_worker_exit(self, reason: str) -> None:
-        """A worker that ends leaves nobody hanging: when it was the last, fail every waiter.
-        Then, unless shutting down, say so: a dead worker or a lost device needs a restart."""
+    def _on_worker_exit(self, worker: int, reason: str) -> None:
+        """A worker that ends leaves nobody hanging: when it was the last, fail every waiter
+        (else the others take the tasks pinned to it). Then, unless shutting down, say so: a dead
+        worker or a lost device needs a restart."""
         with self._cond:
             self._alive -= 1
+            self._live[worker] = False
+            self._cond.notify_all()
             orphans = self._drain_queue("worker_stopped") if self._alive == 0 else []
             unexpected = self._accepting  # at shutdown, workers end by design
             if self._alive == 0 and self._accepting:
@@ -410,6 +521,8 @@ _COUNTERS = (
     "batched_items",
     "batch_retries_single",
     "batch_splits_oom",
+    "affinity_kept",
+    "affinity_moved",
 )
 
 
