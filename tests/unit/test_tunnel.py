@@ -10,8 +10,16 @@ import httpx
 import pytest
 import yaml
 
-from support import make_settings
-from tunnelvision.tunnel.config import TunnelConfigError, build_config, ingress_problems, render_config
+from support import make_settings, run_tunnelvision
+from tunnelvision.tunnel.config import (
+    MAX_REPLICAS,
+    TOPOLOGIES,
+    TunnelConfigError,
+    build_config,
+    config_notes,
+    ingress_problems,
+    render_config,
+)
 from tunnelvision.tunnel.doctor import classify_public_answer
 from tunnelvision.tunnel.systemd import api_unit, env_file, env_value, next_steps
 
@@ -153,3 +161,175 @@ def test_systemd_next_steps_are_the_commands_that_work_as_pasted() -> None:
     for line in steps.splitlines():
         if "/etc/" in line and not line.strip().startswith(("sudo", "--credentials-file")):
             raise AssertionError(f"writes under /etc without sudo: {line}")
+
+
+# -- beyond one box: --origin and --topology ------------------------------------------------------
+
+
+def test_origin_sends_the_hostname_to_another_box_or_a_ray_proxy() -> None:
+    config = build_config("api.example.com", UUID, "c.json", 8000, origin="HTTP://10.0.0.5:8123/")
+    assert config["ingress"][0] == {"hostname": "api.example.com", "service": "http://10.0.0.5:8123"}
+    assert config["ingress"][-1] == {"service": "http_status:404"}
+    assert config["originRequest"]["keepAliveTimeout"] == "90s"  # whatever the origin
+    ipv6 = build_config("api.example.com", UUID, "c.json", 8000, origin="https://[fd00::5]:8443")
+    assert ipv6["ingress"][0]["service"] == "https://[fd00::5]:8443"
+
+
+@pytest.mark.parametrize(
+    ("origin", "words"),
+    [
+        ("10.0.0.5:8000", "http:// or https://"),
+        ("ftp://10.0.0.5:8000", "http:// or https://"),
+        ("http://:8000", "http:// or https://"),
+        ("http://10.0.0.5", "give the port"),
+        ("http://10.0.0.5:99999", "out of range"),
+        ("http://10.0.0.5:8000/v1", "no path"),
+        ("http://user:pw@10.0.0.5:8000", "no path, query or user"),
+        ("http://10.0.0.5:8000/?a=1", "no path"),
+    ],
+)
+def test_a_bad_origin_is_refused_with_the_reason(origin: str, words: str) -> None:
+    with pytest.raises(TunnelConfigError, match=re.escape(words)):
+        build_config("api.example.com", UUID, "c.json", 8000, origin=origin)
+
+
+def test_a_remote_origin_says_what_the_api_there_needs_and_a_local_one_says_nothing() -> None:
+    remote = config_notes(
+        build_config("api.example.com", UUID, "c.json", 8000, origin="http://10.0.0.5:8000"), "box"
+    )
+    assert any("TUNNELVISION_HOST" in line for line in remote)
+    assert any("TUNNELVISION_TRUSTED_PROXIES" in line for line in remote)
+    assert any("private network" in line for line in remote)
+    for origin in (None, "http://localhost:8000", "http://[::1]:8000", "http://127.0.0.2:8000"):
+        assert config_notes(build_config("api.example.com", UUID, "c.json", 8000, origin=origin), "box") == []
+
+
+def test_each_topology_says_what_cloudflare_does_and_does_not_balance() -> None:
+    config = build_config("api.example.com", UUID, "c.json", 8000)
+    replicas = " ".join(config_notes(config, "replicas"))
+    assert "nearest" in replicas and "no round robin" in replicas and "not load balancing" in replicas
+    assert f"up to {MAX_REPLICAS}" in replicas and "502" in replicas  # the API down: no failover
+    sites = " ".join(config_notes(config, "sites"))
+    assert f"{UUID}.cfargotunnel.com" in sites and "Host: api.example.com" in sites
+    assert "/readyz" in sites and "paid add-on" in sites and "route dns" in sites
+    assert f"cloudflared tunnel route lb {UUID} api.example.com <pool>" in sites
+    ray = " ".join(
+        config_notes(
+            build_config("api.example.com", UUID, "c.json", 8000, origin="http://127.0.0.1:8001"), "ray"
+        )
+    )
+    assert "http://127.0.0.1:8001" in ray and "--ray-max-replicas" in ray and "doctor --port 8001" in ray
+
+
+def test_the_monitor_advice_matches_the_config_it_goes_with() -> None:
+    """The monitor's Host header is what reaches /readyz; without it the catch-all answers 404."""
+    config = build_config("api.example.com", UUID, "c.json", 8000)
+    rules = config["ingress"]
+    by_host = {rule.get("hostname"): rule["service"] for rule in rules}
+    assert by_host["api.example.com"] == "http://127.0.0.1:8000"
+    assert by_host[None] == "http_status:404"
+    assert "monitor sees 404" in " ".join(config_notes(config, "sites"))
+
+
+def test_the_cli_offers_every_topology() -> None:
+    from tunnelvision.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["tunnel", "config", "--hostname", "a.example.com", "--tunnel", UUID, "--credentials-file", "c"]
+    )
+    assert args.topology == "box" and args.origin is None and args.port is None
+    for topology in TOPOLOGIES:
+        parsed = parser.parse_args(
+            [
+                "tunnel",
+                "config",
+                "--hostname",
+                "a.example.com",
+                "--tunnel",
+                UUID,
+                "--credentials-file",
+                "c",
+                "--topology",
+                topology,
+            ]
+        )
+        assert parsed.topology == topology
+
+
+def tunnel_config(*extra: str) -> subprocess.CompletedProcess[str]:
+    return run_tunnelvision(
+        "tunnel",
+        "config",
+        "--hostname",
+        "api.example.com",
+        "--tunnel",
+        UUID,
+        "--credentials-file",
+        "c.json",
+        *extra,
+    )
+
+
+def test_tunnel_config_prints_yaml_on_stdout_and_the_advice_on_stderr() -> None:
+    result = tunnel_config("--origin", "http://10.0.0.5:8000", "--topology", "sites")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)  # stdout is the YAML alone, ready for `> config.yml`
+    assert config["ingress"][0]["service"] == "http://10.0.0.5:8000"
+    assert "cfargotunnel.com" in result.stderr and "TUNNELVISION_TRUSTED_PROXIES" in result.stderr
+    assert "cfargotunnel.com" not in result.stdout
+    plain = tunnel_config()
+    assert plain.returncode == 0 and plain.stderr == ""  # one box: as before, nothing to add
+    assert yaml.safe_load(plain.stdout)["ingress"][0]["service"] == "http://127.0.0.1:8000"
+
+
+def test_tunnel_config_writes_the_file_then_advises(tmp_path: Path) -> None:
+    out = tmp_path / "config.yml"
+    result = tunnel_config("--port", "8123", "--topology", "replicas", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(out.read_text())["ingress"][0]["service"] == "http://127.0.0.1:8123"
+    assert result.stderr.index(f"wrote {out}") < result.stderr.index("replicas of tunnel")
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (("--origin", "http://10.0.0.5:8000", "--port", "8000"), "give --origin or --port, not both"),
+        (("--origin", "http://10.0.0.5"), "give the port"),
+        (("--topology", "mesh"), "invalid choice"),
+    ],
+)
+def test_tunnel_config_refuses_contradictions_and_nonsense(extra: tuple[str, ...], words: str) -> None:
+    result = tunnel_config(*extra)
+    assert result.returncode == 2 and words in result.stderr and result.stdout == ""
+    assert "Traceback" not in result.stderr
+
+
+def test_the_scaling_guide_commands_parse_and_name_every_topology() -> None:
+    """Each `tunnelvision tunnel config` line in docs/SCALING.md works as pasted (placeholders filled),
+    and the guide covers every --topology the command offers."""
+    import shlex
+
+    from tunnelvision.cli import build_parser
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "SCALING.md").read_text()
+    joined = guide.replace("\\\n", " ")
+    commands = [
+        line.strip() for line in joined.splitlines() if line.strip().startswith("tunnelvision tunnel config")
+    ]
+    assert len(commands) >= 4
+    for command in commands:
+        filled = re.sub(r"<UUID(-\w+)?>", UUID, command.split("#")[0])
+        args = build_parser().parse_args(shlex.split(filled)[1:])
+        build_config(args.hostname, args.tunnel, args.credentials_file, args.port or 8000, origin=args.origin)
+    for topology in TOPOLOGIES:
+        assert f"--topology {topology}" in guide or topology == "box", topology
+    for fact in (
+        "nearest",
+        "25 active replicas",
+        "paid add-on",
+        "/readyz",
+        "cfargotunnel.com",
+        "to be measured",
+    ):
+        assert fact in guide, fact
