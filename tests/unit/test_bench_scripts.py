@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,21 @@ def test_replica_benchmark_runs_in_smoke_mode() -> None:
     cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
     assert all(int(row[5]) > 0 and row[6] == "0" for row in cells), result.stdout  # answers, no errors
     assert "scaling_4_vs_1=" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs `pip install 'tunnelvision[ray]'`")
+def test_ray_benchmark_runs_in_smoke_mode() -> None:
+    """A local Ray cluster, a plain and two Ray servers (about 35 s on 2 cores)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ray_serve.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| plain", "| Ray"))]
+    assert len(rows) == 3, result.stdout  # plain, 1 and 2 Ray replicas
+    cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
+    assert all(int(row[6]) > 0 and row[7] == "0" for row in cells), result.stdout  # answers, no errors
+    assert "ray_scaling_2_vs_1=" in result.stdout and "ray_hop_p50=" in result.stdout
