@@ -29,5 +29,5 @@ loop) has no Ray, so the engine and models stay free of it and `work` is tested 
 
 Limits of this first version: a batch already sent is not cancelled when all its clients hang up
 (the engine does not tell a backend that a running task was abandoned); embedding-cache stats
-are per replica and not reported at the ingress; readiness does not yet count live replicas.
+are per replica and not reported at the ingress. Readiness counts live replicas (`/readyz`, `doctor`).
 """

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any, cast
@@ -38,6 +39,7 @@ IN_FLIGHT_PER_REPLICA = 2
 ROUTER_QUEUE = -1
 REPLICA_CPUS = 0.5  # the default (1) would reserve a core per replica for a process that mostly waits
 RETRY_AFTER_S = 2.0
+STATUS_TTL_S = 2.0  # /readyz reads a snapshot at most this old; the cluster is asked in the background
 
 
 class DeviceReplica:
@@ -130,10 +132,21 @@ class RemoteBackend:
     pure), then answered 503; Serve's router queue overflowing is our 503 with Retry-After.
     """
 
-    def __init__(self, handle: DeploymentHandle[Any], info: BackendInfo, deadline_s: float) -> None:
+    def __init__(
+        self,
+        handle: DeploymentHandle[Any],
+        info: BackendInfo,
+        deadline_s: float,
+        status: ClusterStatus | None = None,
+    ) -> None:
         self.handle = handle
         self.info = info
         self.deadline_s = deadline_s
+        self.status = status
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """For /readyz and `doctor` (duck-typed: the api layer knows no Ray); never blocks."""
+        return None if self.status is None else self.status.snapshot()
 
     def prepare(
         self, image: RGBImage, params: DetectParams, image_id: str = "", check: Check = no_deadline
@@ -194,7 +207,68 @@ def remote_backends(handle: DeploymentHandle[Any], settings: Settings) -> Sequen
     """The ingress engine's backends: a device worker per batch the replicas can hold at once."""
     info: BackendInfo = handle.info.remote().result(timeout_s=settings.deadline_s)
     workers = settings.ray_max_replicas * IN_FLIGHT_PER_REPLICA
+    status = ClusterStatus(app_name(settings), [p.name for p in info.pipelines])
+    status.refresh()  # the first snapshot now, so /readyz never answers without one
     return [
-        RemoteBackend(handle, dataclasses.replace(info, device=f"ray:{i}"), settings.deadline_s)
+        RemoteBackend(handle, dataclasses.replace(info, device=f"ray:{i}"), settings.deadline_s, status)
         for i in range(workers)
     ]
+
+
+def read_cluster(app: str, pipelines: list[str]) -> dict[str, Any]:
+    """What the cluster says now: our replicas by state, and its GPUs (total and free)."""
+    import ray
+
+    try:
+        application = serve.status().applications.get(app)
+        resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        free = ray.available_resources()  # type: ignore[no-untyped-call]
+    except Exception as exc:  # any failure to ask is the answer: the cluster is not reachable
+        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    deployment = None if application is None else application.deployments.get(DEPLOYMENT)
+    states = {} if deployment is None else {str(k): int(v) for k, v in deployment.replica_states.items()}
+    return {
+        "reachable": True,
+        "app": app,
+        "deployment": {
+            "name": DEPLOYMENT,
+            "status": "missing" if deployment is None else str(deployment.status),
+            "pipelines": pipelines,  # each replica holds every pipeline
+            "replicas": states,
+            "alive": states.get("RUNNING", 0),
+        },
+        "gpus": {"total": float(resources.get("GPU", 0)), "free": float(free.get("GPU", 0))},
+    }
+
+
+class ClusterStatus:
+    """A cached `read_cluster`, shared by an ingress's remote backends. A stale snapshot is
+    answered at once and refreshed on a thread: asking the cluster takes a GCS round trip, or
+    seconds when it is gone, and /readyz must stay instant."""
+
+    def __init__(self, app: str, pipelines: list[str], ttl_s: float = STATUS_TTL_S) -> None:
+        self.app, self.pipelines, self.ttl_s = app, pipelines, ttl_s
+        self.lock = threading.Lock()
+        self.latest: dict[str, Any] = {"reachable": None}
+        self.at = float("-inf")
+        self.refreshing = False
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            stale = time.monotonic() - self.at > self.ttl_s and not self.refreshing
+            if stale:
+                self.refreshing = True
+            age = time.monotonic() - self.at
+            latest = dict(self.latest, age_s=round(age, 1) if age != float("inf") else None)
+        if stale:
+            threading.Thread(target=self.refresh, name="ray-status", daemon=True).start()
+        return latest
+
+    def refresh(self) -> None:
+        try:
+            latest = read_cluster(self.app, self.pipelines)
+        finally:
+            with self.lock:
+                self.refreshing = False
+        with self.lock:
+            self.latest, self.at = latest, time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -105,6 +106,8 @@ def run_checks(options: DoctorOptions) -> list[Check]:
     quick = options.up is not None and pid_alive(options.up.pid)  # no service, no config.yml
     checks = [check_up(options.up)] if options.up else []
     checks += check_local_server(port)
+    ray = check_ray(port, os.environ.get("TUNNELVISION_API_KEY"))
+    checks += [ray] if ray is not None else []
     settings = options.settings
     checks += [
         check_keep_alive(settings),
@@ -174,6 +177,79 @@ def check_local_server(port: int) -> list[Check]:
             "wait for the models to load, or read the server log for the load error",
         )
     ]
+
+
+def check_ray(port: int, key: str | None) -> Check | None:
+    """Ray mode (`serve --ray`), from the server's /readyz: its `ray` section reaches callers
+    with a key (TUNNELVISION_API_KEY), its one-word reason anyone. None when nothing answers
+    (the api check says so already)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers, timeout=3)
+        body = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return ray_check(body if isinstance(body, dict) else {}, keyed=bool(key))
+
+
+def ray_check(readyz: dict[str, Any], keyed: bool) -> Check:
+    """Judge /readyz's answer: cluster reachable, replicas alive (they hold every pipeline), GPUs."""
+    ray = readyz.get("ray")
+    if not isinstance(ray, dict):
+        return _ray_by_reason(readyz.get("reason"), keyed and "phase" in readyz)
+    if ray.get("reachable") is False:
+        return Check(
+            "ray",
+            False,
+            f"the server cannot reach its Ray cluster: {ray.get('error', 'no answer')}",
+            "is the cluster up (`ray status --address ...` on its head node)? the server's "
+            "--ray-address must name it",
+        )
+    if ray.get("reachable") is None:
+        return Check("ray", None, "the server has not heard from its Ray cluster yet")
+    deployment = ray.get("deployment") or {}
+    replicas = deployment.get("replicas") or {}
+    states = ", ".join(f"{count} {state.lower()}" for state, count in replicas.items()) or "none"
+    pipelines = ", ".join(deployment.get("pipelines") or []) or "?"
+    gpus = ray.get("gpus") or {}
+    seen = f"{gpus.get('total', 0):g} GPU(s) in the cluster, {gpus.get('free', 0):g} free"
+    if not deployment.get("alive"):
+        return Check(
+            "ray",
+            False,
+            f"cluster reachable, but no replica of {ray.get('app', '?')} is alive (replicas: {states}; "
+            f"pipelines {pipelines}); {seen}",
+            "Ray restarts a lost replica within seconds; if none comes up, the replicas fail to "
+            "start or to find a GPU: read the Serve logs (session_latest/logs/serve in Ray's temp dir)",
+        )
+    return Check(
+        "ray",
+        True,
+        f"cluster reachable; {deployment['alive']} replica(s) alive ({states}) serving {pipelines}; {seen}",
+    )
+
+
+def _ray_by_reason(reason: Any, detailed: bool) -> Check:
+    """No `ray` section: not Ray mode (a keyed answer would have one), or no key to ask with."""
+    if reason == "no_replicas":
+        return Check(
+            "ray",
+            False,
+            "the server runs on Ray and no model replica is alive",
+            "Ray restarts a lost replica within seconds; set TUNNELVISION_API_KEY to see their states",
+        )
+    if reason == "cluster_unreachable":
+        return Check(
+            "ray",
+            False,
+            "the server cannot reach its Ray cluster",
+            "is the cluster up? set TUNNELVISION_API_KEY to see the error",
+        )
+    if detailed:
+        return Check("ray", None, "not in Ray mode (the server runs its models itself)")
+    return Check(
+        "ray", None, "no replica problem reported; set TUNNELVISION_API_KEY to see Ray's state (--ray only)"
+    )
 
 
 def check_keep_alive(settings: Settings) -> Check:

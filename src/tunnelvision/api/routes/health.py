@@ -46,9 +46,11 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: models loaded, warmed up, worker alive",
     description=(
         "Anyone gets `status` and, when not ready, a one-word `reason` (`starting`, `loading`, "
-        "`warming_up`, `shutting_down`, `failed`, `worker_stopped`). A caller who sends a valid "
-        "key or Access token also gets `phase`, `detail` (the full reason), `queue` (the "
-        "scheduler's counters) and `auth` (the policy and any problem with the keys file)."
+        "`warming_up`, `shutting_down`, `failed`, `worker_stopped`; in Ray mode also "
+        "`no_replicas` and `cluster_unreachable`). A caller who sends a valid key or Access "
+        "token also gets `phase`, `detail` (the full reason), `queue` (the scheduler's "
+        "counters), `auth` (the policy and any problem with the keys file) and, in Ray mode, "
+        "`ray` (cluster reachable, replicas by state, GPUs; a snapshot at most seconds old)."
     ),
     responses={
         200: {"description": "ready"},
@@ -58,9 +60,14 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request, state: StateDep, principal: PrincipalDep) -> JSONResponse:
     reason = state.not_ready_reason()
     word = None if reason is None else reason_word(state)
+    ray = cluster_status(state)
+    if reason is None and ray is not None:
+        word, reason = cluster_not_ready(ray)
     body: dict[str, Any] = {"status": "ready"} if word is None else {"status": "not_ready", "reason": word}
     if principal is not None:
         body.update(readiness_detail(request, state, reason))
+        if ray is not None:
+            body["ray"] = ray
     if reason is None:
         return JSONResponse(body)
     message = f"not ready: {reason if principal is not None else word}"
@@ -72,6 +79,31 @@ async def readyz(request: Request, state: StateDep, principal: PrincipalDep) -> 
 
 def reason_word(state: AppState) -> str:
     return PHASE_WORDS.get(state.phase, "not_ready")
+
+
+def cluster_status(state: AppState) -> dict[str, Any] | None:
+    """Ray mode's cluster snapshot, through a hook its backends have (so no Ray import here);
+    None for local backends. The hook answers from a cache: it never blocks the loop."""
+    if state.engine is None:
+        return None
+    for backend in state.engine.backends:
+        hook = getattr(backend, "cluster_status", None)
+        if callable(hook):
+            status: dict[str, Any] | None = hook()
+            return status
+    return None
+
+
+def cluster_not_ready(ray: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(word, reason) when the cluster cannot serve: unreachable, or no replica alive (Ray is
+    restarting one); (None, None) when it can, or before its first answer."""
+    if ray.get("reachable") is False:
+        return "cluster_unreachable", f"the Ray cluster is not reachable: {ray.get('error', '')}"
+    deployment = ray.get("deployment") or {}
+    if ray.get("reachable") and not deployment.get("alive"):
+        states = ", ".join(f"{n} {s}" for s, n in deployment.get("replicas", {}).items()) or "none"
+        return "no_replicas", f"no model replica is alive (replicas: {states}); Ray replaces a lost one"
+    return None, None
 
 
 def readiness_detail(request: Request, state: AppState, reason: str | None) -> dict[str, Any]:
