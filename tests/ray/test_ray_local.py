@@ -15,8 +15,7 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray mode needs `pip install 'tunnelvision[ray]'`")
 
-from test_ray_serve import descendants
-
+from bench.ray_serve import descendants
 from support import cli_server, image_bytes
 
 

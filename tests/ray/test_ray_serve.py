@@ -4,13 +4,10 @@ the ingress, and a replica killed mid-request answered, not hung."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.
 ray = pytest.importorskip("ray", reason="Ray mode needs `pip install 'tunnelvision[ray]'`")
 serve = pytest.importorskip("ray.serve")
 
+from bench.ray_serve import local_cluster  # noqa: E402
 from support import (  # noqa: E402
     ThreadServer,
     cli_server,
@@ -48,46 +46,12 @@ PNG = image_bytes(64, 48)
 LOW = {"box_threshold": "0", "text_threshold": "0"}  # random weights: let every box through
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc: no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A one-node cluster in its own temp dir; its GCS address for `--ray-address`."""
-    temp = tempfile.mkdtemp(prefix="tvray-")  # short: Ray's socket paths must stay under 108 bytes
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    started = descendants(os.getpid())
-    try:
+    with local_cluster(logical_cpus=4) as address:
         serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        for pid in started | descendants(os.getpid()):  # agents that outlive ray.shutdown
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        yield address
 
 
 @pytest.fixture(scope="module")
