@@ -160,6 +160,18 @@ class Settings(BaseSettings):
         7 * 86400.0, gt=0, description="finished jobs and their results are deleted this long after"
     )
 
+    # -- video jobs (share the jobs quota and retention) -----------------------------------------
+    video_max_duration_s: float = Field(600.0, gt=0, description="longest clip /v1/videos takes (s)")
+    video_max_frames: int = Field(18_000, ge=1, description="most frames in one clip")
+    video_max_width: int = Field(3840, ge=16, description="widest frame (either way round)")
+    video_max_height: int = Field(2160, ge=16, description="tallest frame (either way round)")
+    video_chunk_frames: int = Field(
+        8, ge=1, le=256, description="frames tracked per device turn; an image request waits at most one"
+    )
+    video_keepalive_s: float = Field(
+        15.0, gt=0, le=90, description="comment lines on idle event streams (Cloudflare closes at 100 s)"
+    )
+
     # -- exposure: authentication, limits, proxies ---------------------------------------------
     auth: AuthPolicy = Field(
         "auto", description="auto (whatever is configured), keys, access, either or both"

@@ -152,3 +152,27 @@ class TooManyInFlight(RateLimited):
     """One client has as many requests queued or running as it may."""
 
     code = "too_many_inflight"
+
+
+class InvalidVideo(MalformedInput):
+    """Not a readable clip: empty, truncated, damaged, no frames."""
+
+    code = "invalid_video"
+
+
+class VideoTooLarge(PayloadTooLarge):
+    """Over a clip limit: bytes, duration or frame count."""
+
+    code = "video_too_large"
+
+
+class FrameTooLarge(ImageTooLarge):
+    """A clip whose frames are over the resolution limit."""
+
+    code = "frame_too_large"
+
+
+class UnsupportedVideoFormat(UnsupportedMediaType):
+    """A file that is not a clip this server reads (the message lists those it does)."""
+
+    code = "unsupported_video_format"

@@ -267,7 +267,9 @@ class SegmentResponse(Answer):
     timings_ms: dict[str, float]
 
 
-Ability = Literal["text", "boxes", "points", "exemplars", "masks"]
+Ability = Literal[
+    "text", "boxes", "points", "exemplars", "masks", "video-text", "video-boxes", "video-points"
+]
 
 
 class ModelInfo(BaseModel):
@@ -277,7 +279,7 @@ class ModelInfo(BaseModel):
 
 
 class PipelineModel(ModelInfo):
-    role: Literal["detector", "segmenter", "concept_segmenter"]
+    role: Literal["detector", "segmenter", "concept_segmenter", "video_tracker"]
     family: str = Field(..., description="the checkpoint's model_type family, e.g. grounding-dino, sam")
 
 
@@ -285,7 +287,9 @@ class PipelineInfo(BaseModel):
     name: str = Field(..., description="what requests send as `model`")
     default: bool = Field(..., description="used when a request names no model")
     abilities: list[Ability] = Field(
-        ..., description="text, boxes, points, exemplars (prompt kinds it takes) and masks (it segments)"
+        ...,
+        description="text, boxes, points, exemplars (prompt kinds it takes) and masks (it segments); "
+        "video-text, video-boxes, video-points: what it follows through clips (/v1/videos)",
     )
     models: list[PipelineModel]
     source: str = Field(

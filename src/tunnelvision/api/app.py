@@ -33,6 +33,7 @@ from tunnelvision.api.routes import (
     playground,
     predict,
     roboflow,
+    videos,
     x_anylabeling,
 )
 from tunnelvision.api.state import AppState, BackendFactory
@@ -59,11 +60,12 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
         # Load in the background: /healthz answers at once, /readyz says what is happening.
         loading = asyncio.create_task(state.load())
         jobs = asyncio.create_task(state.job_runner.run_forever())  # resumes unfinished jobs
+        videos = asyncio.create_task(state.video_runner.run_forever())  # and unfinished videos
         try:
             yield
         finally:
             state.begin_shutdown()
-            for task in (loading, jobs):
+            for task in (loading, jobs, videos):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -84,6 +86,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.include_router(predict.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)
+    app.include_router(videos.router)
     app.include_router(playground.router)
     app.include_router(roboflow.router)
     app.include_router(label_studio.router)

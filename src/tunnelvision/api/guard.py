@@ -86,6 +86,7 @@ SCOPE_RULES = (
     _rule("GET HEAD", r"/v1/models(/[^/]+)?", "predict"),  # what is served (reading only)
     _rule("POST", r"/v1/models/[^/]+/reload", "admin"),  # swapping weights
     _rule("", r"/v1/jobs(/.*)?", "jobs"),
+    _rule("", r"/v1/videos(/.*)?", "jobs"),  # video jobs: uploads, results, live events
     _rule("", r"/metrics", "admin"),  # when not --public-metrics
     _rule("", KEY_IN_BODY.pattern, "predict"),  # Roboflow-shaped routes
     _rule("", re.escape(LABEL_STUDIO_PREFIX) + r"/.*", "predict"),

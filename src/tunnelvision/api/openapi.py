@@ -14,9 +14,10 @@ ERROR_DESCRIPTIONS = {
     "too deeply, a damaged zip member",
     401: "no valid API key or Cloudflare Access login (WWW-Authenticate says how)",
     403: "the key (or Access login) lacks this route's scope: predict, jobs or admin",
-    404: "no such job, or an image_id not in the cache (evicted, never sent, or another key's)",
-    413: "body, image, frame or archive member over the size limits",
-    415: "unsupported Content-Type, or an image format other than JPEG, PNG, WebP, GIF, BMP, TIFF",
+    404: "no such job or video, or an image_id not in the cache (evicted, never sent, or another key's)",
+    413: "body, image, frame, clip (bytes, duration, frames, resolution) or archive member over the limits",
+    415: "unsupported Content-Type, an image format other than JPEG, PNG, WebP, GIF, BMP, TIFF, or a "
+    "clip other than MP4/MOV, WebM/MKV, AVI or a zip of frames",
     422: "invalid parameters (the message names the field), an unknown `model`, a prompt the pipeline "
     "cannot take, or more mask work than max_mask_pixels",
     429: "rate limit or in-flight cap for this client; see Retry-After",
@@ -71,14 +72,22 @@ def job_request_body(params_model: type[BaseModel], options: tuple[str, ...]) ->
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-def _multipart_schema(params_model: type[BaseModel]) -> dict[str, Any]:
+def video_request_body(params_model: type[BaseModel]) -> dict[str, Any]:
+    """POST /v1/videos: the clip and what to follow (JSON-valued fields as JSON text)."""
+    schema = _multipart_schema(params_model, "video", "the clip: MP4/MOV, WebM/MKV, AVI, or a zip of frames")
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def _multipart_schema(
+    params_model: type[BaseModel], file_field: str = "image", file_description: str = "the image file"
+) -> dict[str, Any]:
     schema = _inline(params_model)
-    properties = {"image": {"type": "string", "format": "binary", "description": "the image file"}}
+    properties = {file_field: {"type": "string", "format": "binary", "description": file_description}}
     for name, prop in schema.get("properties", {}).items():
         if name in JSON_TEXT_FIELDS:
             prop = {"type": "string", "description": f"JSON text, e.g. {prop.get('examples', [''])[0]}"}
         properties[name] = prop
-    return {"type": "object", "required": ["image"], "properties": properties}
+    return {"type": "object", "required": [file_field], "properties": properties}
 
 
 def _inline(model: type[BaseModel]) -> dict[str, Any]:

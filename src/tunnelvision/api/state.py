@@ -17,6 +17,10 @@ from tunnelvision.jobs.runner import JobRunner
 from tunnelvision.jobs.store import JobStore
 from tunnelvision.metrics import Metrics
 from tunnelvision.schemas import DetectParams
+from tunnelvision.video.decode import VideoLimits
+from tunnelvision.video.events import VideoEvents
+from tunnelvision.video.runner import VideoRunner
+from tunnelvision.video.store import VideoStore
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,17 @@ class AppState:
             lambda: self.engine if self.not_ready_reason() is None else None,
             max_attempts=settings.job_max_attempts,
             retention_s=settings.jobs_retention_s,
+        )
+        self.videos = VideoStore(self.jobs)
+        self.video_events = VideoEvents()
+        self.video_runner = VideoRunner(
+            self.videos,
+            lambda: self.engine if self.not_ready_reason() is None else None,
+            self.video_events,
+            chunk_frames=settings.video_chunk_frames,
+            retention_s=settings.jobs_retention_s,
+            chunk_timeout_s=settings.deadline_s,
+            limits=video_limits(settings),
         )
 
     async def load(self) -> None:
@@ -103,6 +118,7 @@ class AppState:
 
     async def close(self) -> None:
         self.begin_shutdown()
+        self.video_runner.close()
         if self.engine is not None:
             await self.engine.close()
 
@@ -169,6 +185,16 @@ def default_reloader() -> Reloader:
     from tunnelvision.models.factory import replace_pipeline
 
     return replace_pipeline
+
+
+def video_limits(settings: Settings) -> VideoLimits:
+    return VideoLimits(
+        max_bytes=settings.max_body_bytes,
+        max_duration_s=settings.video_max_duration_s,
+        max_frames=settings.video_max_frames,
+        max_width=settings.video_max_width,
+        max_height=settings.video_max_height,
+    )
 
 
 def engine_config(settings: Settings) -> EngineConfig:

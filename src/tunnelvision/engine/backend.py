@@ -13,13 +13,19 @@ from tunnelvision.schemas import Detection, DetectParams, SegmentParams
 
 # What a pipeline can be asked: text prompts, box or point prompts, exemplar boxes, and masks
 # (a detector alone answers boxes only).
-Ability = Literal["text", "boxes", "points", "exemplars", "masks"]
+# Video pipelines (/v1/videos) follow objects given by text, boxes or points through a clip.
+Ability = Literal[
+    "text", "boxes", "points", "exemplars", "masks", "video-text", "video-boxes", "video-points"
+]
 ABILITY_WORDS: dict[str, str] = {
     "text": "text prompts",
     "boxes": "box prompts",
     "points": "point prompts",
     "exemplars": "exemplar boxes",
     "masks": "masks (/v1/segment, /v1/annotate, jobs)",
+    "video-text": "text prompts through video (/v1/videos)",
+    "video-boxes": "box prompts through video (/v1/videos)",
+    "video-points": "point prompts through video (/v1/videos)",
 }
 DEFAULT_PIPELINE = "grounded-sam"
 

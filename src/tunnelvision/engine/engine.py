@@ -37,7 +37,13 @@ from tunnelvision.engine.reload import (
     warmup_image,
     warmup_params,
 )
-from tunnelvision.engine.scheduler import INTERACTIVE, BatchObserver, FailureObserver, Scheduler
+from tunnelvision.engine.scheduler import (
+    BACKGROUND,
+    INTERACTIVE,
+    BatchObserver,
+    FailureObserver,
+    Scheduler,
+)
 from tunnelvision.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -119,6 +125,17 @@ class _Submitted:
     serving: weakref.ref[Serving]
     prepared: Any
     params: DetectParams
+
+
+# Work that is not an image request (a chunk of video frames): `fn(backend, device_index)` runs
+# on the device worker alone, queued at its priority like any request.
+DeviceFn = Callable[[Backend, int], T]
+
+
+@dataclass(frozen=True)
+class _DeviceCall:
+    serving: weakref.ref[Serving]
+    fn: DeviceFn[Any]
 
 
 class Engine:
@@ -335,7 +352,13 @@ class Engine:
             )
         finally:
             self._preparing -= 1
-        raw, device_start, device_end = await self.scheduler.wait(task)
+        try:
+            raw, device_start, device_end = await self.scheduler.wait(task)
+        except asyncio.CancelledError:  # the client left: a backend that sent it away may call it back
+            abandon = getattr(backend, "abandon", None)
+            if abandon is not None:
+                abandon(prepared)
+            raise
         deadline.check()
         finish = partial(backend.finish, raw, params, prepared, deadline.check)
         detections = await self._on_cpu(finish, deadline)
@@ -349,6 +372,23 @@ class Engine:
             **backend.device_steps(prepared),
         }
         return _Outcome(image, image_id, detections, timings, deadline)
+
+    async def on_device(
+        self, fn: DeviceFn[T], timeout_s: float, priority: int = BACKGROUND, affinity: Any = None
+    ) -> T:
+        """`fn(backend, device_index)` on a device worker, queued at `priority` (background by
+        default: interactive requests go first) and dropped unrun if not started within
+        `timeout_s`. For long device work cut in pieces (video chunks); keep CPU work outside."""
+        serving = self._serving
+        serving.enter()
+        try:
+            deadline = time.monotonic() + timeout_s
+            call = _DeviceCall(weakref.ref(serving), fn)
+            task = self.scheduler.submit(call, deadline, priority, key=None, affinity=affinity)
+            result, _, _ = await self.scheduler.wait(task)
+            return result  # type: ignore[no-any-return]
+        finally:
+            serving.leave()
 
     # -- replacing weights -----------------------------------------------------------------
 
@@ -403,13 +443,25 @@ class Engine:
             raise deadline.exceeded() from None
 
 
-def run_on_device(device: int, items: list[_Submitted]) -> list[Any]:
+def run_on_device(device: int, items: list[_Submitted | _DeviceCall]) -> list[Any]:
     """The scheduler's runner for the worker of device number `device`. A batch holds one
-    Serving's items (their key names it)."""
+    Serving's items (their key names it); a device call is always alone (its key is None)."""
     serving = items[0].serving()
     if serving is None:  # every waiter has gone, and its Serving was replaced: nobody to answer
         return [DeadlineExceeded("abandoned by its client before it ran") for _ in items]
-    return run_timed_batch(serving.backends[device], [(item.prepared, item.params) for item in items])
+    if isinstance(items[0], _DeviceCall):
+        return [run_timed_call(items[0].fn, serving.backends[device], device)]
+    requests = [(item.prepared, item.params) for item in items if isinstance(item, _Submitted)]
+    return run_timed_batch(serving.backends[device], requests)
+
+
+def run_timed_call(fn: DeviceFn[Any], backend: Backend, device: int) -> Any:
+    start = time.monotonic()
+    try:
+        result = fn(backend, device)
+    except Exception as exc:  # this call's failure only; the worker goes on
+        return exc
+    return (result, start, time.monotonic())
 
 
 def run_timed_batch(backend: Backend, items: list[tuple[Any, DetectParams]]) -> list[Any]:

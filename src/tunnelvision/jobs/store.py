@@ -31,6 +31,22 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
+CREATE TABLE IF NOT EXISTS videos (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
+    finished REAL, options TEXT NOT NULL, info TEXT NOT NULL, file TEXT NOT NULL,
+    bytes INTEGER NOT NULL, error TEXT, next_id INTEGER NOT NULL DEFAULT 1,
+    labels TEXT NOT NULL DEFAULT '{}', revision INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS video_passes (
+    video_id TEXT NOT NULL, seq INTEGER NOT NULL, start INTEGER NOT NULL, stop INTEGER NOT NULL,
+    step INTEGER NOT NULL, prompts TEXT NOT NULL, position INTEGER NOT NULL,
+    status TEXT NOT NULL, PRIMARY KEY (video_id, seq)
+);
+CREATE TABLE IF NOT EXISTS video_frames (
+    video_id TEXT NOT NULL, frame INTEGER NOT NULL, revision INTEGER NOT NULL, objects TEXT NOT NULL,
+    PRIMARY KEY (video_id, frame)
+);
+CREATE INDEX IF NOT EXISTS videos_by_owner ON videos (owner, created);
 """
 ACTIVE = ("queued", "running")
 STAGING_PREFIX = ".staging-"  # a job's files while it is being created; never read from
@@ -92,7 +108,13 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN finished REAL")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The database for reads (the video store shares it, and with it the quotas)."""
+        with self._lock:
+            yield self._db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -122,7 +144,7 @@ class JobStore:
         try:
             rows = self._write_files(staging, folder, job_id, uploads)
             size = sum(len(u.data) for u in uploads)
-            with self._transaction() as db:
+            with self.transaction() as db:
                 check_quota(db, size, quota_bytes, None)
                 if owner_quota_bytes is not None:
                     check_quota(db, size, owner_quota_bytes, owner)
@@ -152,7 +174,7 @@ class JobStore:
 
     def start_item(self, job_id: str, index: int) -> None:
         """Counted before the work, so an image that crashes the server is not tried forever."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE items SET attempts = attempts + 1 WHERE job_id = ? AND idx = ?", (job_id, index)
             )
@@ -160,7 +182,7 @@ class JobStore:
 
     def release_item(self, job_id: str, index: int) -> None:
         """The attempt never happened (the server was busy or stopping): take it back."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE items SET attempts = MAX(0, attempts - 1) WHERE job_id = ? AND idx = ?",
                 (job_id, index),
@@ -168,7 +190,7 @@ class JobStore:
 
     def retry_item(self, job_id: str, index: int, error: str) -> None:
         """The attempt failed in a way a later one may not: keep the image pending, and why."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE items SET error = ? WHERE job_id = ? AND idx = ? AND status = 'pending'",
                 (error, job_id, index),
@@ -176,7 +198,7 @@ class JobStore:
 
     def finish_item(self, job_id: str, index: int, result: str | None, error: str | None) -> None:
         status = "done" if error is None else "failed"
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE items SET status = ?, result = ?, error = ? WHERE job_id = ? AND idx = ?",
                 (status, result, error, job_id, index),
@@ -192,7 +214,7 @@ class JobStore:
                 )
 
     def cancel(self, job_id: str) -> None:
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished = ?"
                 " WHERE id = ? AND status IN ('queued', 'running')",
@@ -201,7 +223,7 @@ class JobStore:
 
     def delete_files(self, job_id: str) -> None:
         shutil.rmtree(self.folder / job_id, ignore_errors=True)
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("UPDATE jobs SET bytes = 0 WHERE id = ?", (job_id,))
 
     def delete(self, job_id: str) -> bool:
@@ -214,7 +236,7 @@ class JobStore:
         return self._delete_finished(FINISHED_BEFORE, (finished_before,))
 
     def _delete_finished(self, select_ids: str, args: tuple[Any, ...]) -> list[str]:
-        with self._transaction() as db:
+        with self.transaction() as db:
             ids = [row[0] for row in db.execute(select_ids, args)]
             db.executemany("DELETE FROM items WHERE job_id = ?", [(i,) for i in ids])
             db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
@@ -333,7 +355,12 @@ def check_quota(db: sqlite3.Connection, size: int, quota_bytes: int, owner: str 
 
 
 def used_bytes(db: sqlite3.Connection, owner: str | None) -> int:
-    row = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM jobs WHERE ? IS NULL OR owner = ?", (owner, owner))
+    """Image jobs and video jobs share one quota."""
+    row = db.execute(
+        "SELECT (SELECT COALESCE(SUM(bytes), 0) FROM jobs WHERE ? IS NULL OR owner = ?)"
+        " + (SELECT COALESCE(SUM(bytes), 0) FROM videos WHERE ? IS NULL OR owner = ?)",
+        (owner, owner, owner, owner),
+    )
     return int(row.fetchone()[0])
 
 

@@ -20,9 +20,10 @@ from typing import Any
 
 from tunnelvision import __version__
 from tunnelvision.config import GROUNDED_SAM, PipelineSpec, Settings
-from tunnelvision.engine.backend import Backend, ModelPart
+from tunnelvision.engine.backend import Ability, Backend, ModelPart, PipelineSummary
 from tunnelvision.engine.pipeline import Cached, ComposedPipeline, ConceptPipeline, DeviceBackend, Pipeline
 from tunnelvision.engine.reload import Swap
+from tunnelvision.engine.video import VideoPipeline
 from tunnelvision.errors import ModelUnavailable, ReloadFailed
 from tunnelvision.models.loading import (
     LoadOptions,
@@ -138,12 +139,14 @@ def resolve_checkpoint(part: str, flag: str) -> Checkpoint:
 
 
 def check_roles(name: str, parts: list[Checkpoint]) -> None:
-    """DETECTOR+SEGMENTER in that order, or one model of any role a pipeline can run alone."""
+    """DETECTOR+SEGMENTER or DETECTOR+VIDEO_TRACKER in that order, or one model alone."""
     roles = [p.role for p in parts]
-    if len(parts) == 2 and roles != ["detector", "segmenter"]:
+    if len(parts) == 2 and roles not in (["detector", "segmenter"], ["detector", "video_tracker"]):
         described = " + ".join(f"'{p.source.source}' ({p.model_type}, a {p.role})" for p in parts)
-        raise ModelUnavailable(f"pipeline '{name}': {described}; a pair must be DETECTOR+SEGMENTER")
-    if len(parts) == 1 and roles[0] not in ("detector", "segmenter", "concept_segmenter"):
+        raise ModelUnavailable(
+            f"pipeline '{name}': {described}; a pair must be DETECTOR+SEGMENTER or DETECTOR+VIDEO_TRACKER"
+        )
+    if len(parts) == 1 and roles[0] not in ("detector", "segmenter", "concept_segmenter", "video_tracker"):
         raise ModelUnavailable(f"pipeline '{name}': no pipeline runs a {roles[0]} yet")
 
 
@@ -173,8 +176,21 @@ def build_device_backend(
         if "concept_segmenter" in models:  # one model that finds and cuts: SAM 3
             pipelines.append(ConceptPipeline(spec.name, models["concept_segmenter"], cards))
             continue
+        if "video_tracker" in models:  # /v1/videos; with a detector: Grounded-SAM-2 style
+            pipelines.append(
+                video_pipeline(spec.name, models["video_tracker"], models.get("detector"), cards)
+            )
+            continue
         pipelines.append(ComposedPipeline(spec.name, models.get("detector"), models.get("segmenter"), cards))
     return DeviceBackend(pipelines, str(device), dtype_name)
+
+
+def video_pipeline(name: str, tracker: Any, detector: Any, cards: tuple[ModelPart, ...]) -> VideoPipeline:
+    """A tracker follows what it is given; a detector before it lets it follow text prompts."""
+    abilities: set[Ability] = set(tracker.video_abilities)
+    if detector is not None:
+        abilities.add("video-text")
+    return VideoPipeline(name, tracker, detector, PipelineSummary(name, frozenset(abilities), cards))
 
 
 def demo_models_folder() -> Path:

@@ -29,6 +29,10 @@ FAMILIES: dict[str, FamilyRef] = {
     "sam2": FamilyRef("sam2", "Sam2"),  # SAM 2 and SAM 2.1 checkpoints both say sam2
     "owlv2": FamilyRef("owlv2", "Owlv2"),
     "sam3": FamilyRef("sam3", "Sam3"),
+    # video trackers (/v1/videos)
+    "sam2_video": FamilyRef("sam2_video", "Sam2Video"),  # SAM 2 / 2.1 video: boxes, points
+    "sam3_tracker_video": FamilyRef("sam2_video", "Sam3TrackerVideo"),  # SAM 3 tracker: boxes, points
+    "sam3_video": FamilyRef("sam3_video", "Sam3Video"),  # SAM 3 video: text
 }
 
 

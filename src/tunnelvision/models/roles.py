@@ -18,7 +18,7 @@ import torch
 from tunnelvision.engine.backend import Check, no_deadline
 from tunnelvision.imaging import RGBImage
 
-Role = Literal["detector", "segmenter", "concept_segmenter"]
+Role = Literal["detector", "segmenter", "concept_segmenter", "video_tracker"]
 BoolMask = np.ndarray  # (height, width) bool, full size
 Exemplar = tuple[list[float], int]  # ([x1, y1, x2, y2] in original pixels, 1 more like this / 0 not this)
 EXEMPLAR_PHRASE = -1  # the phrase id of what exemplars alone found (it has no label)
