@@ -121,8 +121,8 @@ class VideoRunner:
 
     async def _sweep_if_due(self) -> None:
         now = time.time()
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_EVERY_S
+        if now >= self._next_sweep:  # at least twice per retention time, so short ones expire on time
+            self._next_sweep = now + min(SWEEP_EVERY_S, self.retention_s / 2)
             for video_id in await asyncio.to_thread(self.store.expire, now - self.retention_s):
                 self._drop(video_id)
 
