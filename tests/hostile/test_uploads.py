@@ -361,3 +361,57 @@ def test_huge_json_lists_are_refused_before_parsing(server: ThreadServer) -> Non
         f"{server.url}/v1/segment", content=body, headers={"content-type": "application/json"}, timeout=10
     )
     assert_error(response, 422, "invalid_input", "more than 8192 values")
+
+
+# -- video bombs -------------------------------------------------------------------------------
+
+
+SMALL_PNG = encoded(Image.new("RGB", (8, 8)), "PNG")
+
+
+def zip_of_frames(frames: dict[str, bytes]) -> bytes:
+    return zipped(frames)
+
+
+def test_video_bombs_are_refused_before_they_cost_memory(
+    tiny_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Clips over the frame-size limit (a real 4000x2250 H.264 stream of a few kB; a zip whose
+    frame claims 30000x30000) and over the frame count are refused from their headers: nothing is
+    decoded, and the server's peak memory does not move."""
+    from tunnelvision.models.random_families import write_random_family
+    from tunnelvision.video.synthetic import write_moving_square_clip
+
+    tracker = write_random_family(tmp_path / "tracker", "sam2-video", "tiny", seed=1)
+    honest = write_moving_square_clip(tmp_path / "honest.mp4", 4, 64, 48).read_bytes()
+    huge = write_moving_square_clip(tmp_path / "huge.mp4", 1, 4000, 2250).read_bytes()
+    bombs = [
+        ("huge.mp4", huge, 413, "frame_too_large", "4000x2250"),
+        ("claims.zip", zip_of_frames({"0.png": PNG, "1.png": png_claiming(30000, 30000)}), 413, "", ""),
+        (
+            "many.zip",
+            zip_of_frames({f"{i}.png": SMALL_PNG for i in range(200)}),
+            413,
+            "video_too_large",
+            "100",
+        ),
+    ]
+    flags = ("--pipeline", f"track={tracker}", "--video-max-frames", "100", "--no-warmup")
+    with cli_server(*tiny_models, *flags, log=tmp_path / "serve.log") as (url, process):
+        assert track_clip(url, "honest.mp4", honest).status_code == 202  # every path once, honestly
+        assert track_clip(url, "photo.png", PNG).status_code == 415
+        before = peak_rss_mb(process.pid)
+        for name, bomb, status, code, words in bombs:
+            assert len(bomb) < 400_000, name
+            answer = track_clip(url, name, bomb)
+            assert answer.status_code == status, answer.text
+            assert code in answer.json()["error"]["code"] and words in answer.json()["error"]["message"]
+        after = peak_rss_mb(process.pid)
+        print(f"server peak RSS: {before:.1f} MB before the video bombs, {after:.1f} MB after")
+        assert after - before < 50, f"peak memory grew by {after - before:.1f} MB"
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def track_clip(url: str, name: str, clip: bytes) -> httpx.Response:
+    fields = {"model": "track", "boxes": "[[1, 1, 20, 20]]"}
+    return httpx.post(f"{url}/v1/videos", files={"video": (name, clip)}, data=fields, timeout=60)

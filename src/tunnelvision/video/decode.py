@@ -54,6 +54,7 @@ ZIP_FPS = 25.0  # a zip of frames has no rate; exports use this one unless told 
 MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
 # FFmpeg's demuxers are named explicitly: its guessing would let a hostile file pick e.g. the HLS
 # or concat demuxer, which open other files or URLs. Only the `file` protocol is allowed too.
+MAX_STREAMS = 16  # streams whose probe decoders get the pixel cap (a clip has one or two)
 SAFE_OPEN_OPTIONS = {"protocol_whitelist": "file", "probesize": str(5_000_000)}
 # What PyAV raises on damaged data; never let one escape as a 500.
 AV_ERRORS = (av.FFmpegError, EOFError, OSError, ValueError, IndexError, MemoryError, OverflowError)
@@ -102,7 +103,7 @@ def probe(path: Path | str, limits: VideoLimits = DEFAULT_LIMITS, count: bool = 
     kind = sniff_clip(path)
     if kind == "frames-zip":
         with _ZipFrames(path, limits) as frames:
-            return frames.info
+            return frames.probe(count)
     with _VideoFile(path, limits) as video:
         return video.probe(count) if count else video.info
 
@@ -246,8 +247,16 @@ class _VideoFile:
         options = {**SAFE_OPEN_OPTIONS, "max_pixels": str(limits.max_pixels)}
         if demuxer == "mov":  # never follow a track's reference to another file (off by default)
             options["enable_drefs"] = "0"
+        # Opening decodes a frame or two to learn the codec's parameters: the decoders it opens
+        # for that take the pixel cap too (as format options it would reach none of them).
+        per_stream = [{"max_pixels": str(limits.max_pixels)}] * MAX_STREAMS
         try:
-            self.container = av.open(str(path), format=demuxer, options=options)
+            self.container = av.open(
+                str(path),
+                format=demuxer,
+                options=options,
+                stream_options=per_stream,  # type: ignore[arg-type]  # PyAV's stub says list[str]; it takes dicts
+            )
         except AV_ERRORS:
             raise InvalidVideo("the video is damaged or truncated (its headers cannot be read)") from None
         self._positions: dict[int, int] | None = None
@@ -487,7 +496,23 @@ class _ZipFrames:
         return info
 
     def probe(self, count: bool) -> VideoInfo:
+        """With `count`, every frame's header is read too (one member inflated at a time), so a
+        frame over the limits or of another size is refused now, not when the job reaches it."""
+        if count:
+            for index, info in enumerate(self.members[1:], start=1):
+                self._check_header(index, info)
         return self.info
+
+    def _check_header(self, index: int, info: zipfile.ZipInfo) -> None:
+        try:
+            size = probe_image(self._bytes(info), self.limits.max_pixels)
+        except TunnelvisionError as exc:
+            raise type(exc)(f"frame {index} ('{info.filename}'): {exc.message}") from None
+        if size != (self.info.width, self.info.height):
+            raise InvalidVideo(
+                f"frame {index} ('{info.filename}') is {size[0]}x{size[1]}; the first frame is "
+                f"{self.info.width}x{self.info.height}: all frames must match"
+            )
 
     def _bytes(self, info: zipfile.ZipInfo) -> bytes:
         return read_member(self.archive, info, self.limits.max_frame_bytes)
