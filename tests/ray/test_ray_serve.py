@@ -141,12 +141,21 @@ def test_a_full_queue_is_our_503_with_retry_after(slow: tuple[str, str]) -> None
     assert refused.json()["error"]["code"] == "queue_full"
 
 
-def replica_pid(url: str) -> int:
-    from tunnelvision.distributed.remote import APP_NAME, DEPLOYMENT
+def app_of(url: str) -> str:
+    """The Serve application of the server at `url` (on this machine)."""
+    from tunnelvision.distributed.remote import app_name
 
-    port = url.rsplit(":", 1)[1]
-    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=f"{APP_NAME}-{port}")
-    return int(handle.pid.remote().result(timeout_s=30))
+    return app_name(make_settings(port=int(url.rsplit(":", 1)[1])))
+
+
+def replica_handle(url: str) -> Any:
+    from tunnelvision.distributed.remote import DEPLOYMENT
+
+    return serve.get_deployment_handle(DEPLOYMENT, app_name=app_of(url))
+
+
+def replica_pid(url: str) -> int:
+    return int(replica_handle(url).pid.remote().result(timeout_s=30))
 
 
 def test_a_replica_killed_mid_request_is_answered_not_hung(slow: tuple[str, str]) -> None:
@@ -168,9 +177,9 @@ def test_a_replica_killed_mid_request_is_answered_not_hung(slow: tuple[str, str]
 
 
 def running_replicas(url: str) -> int:
-    from tunnelvision.distributed.remote import APP_NAME, DEPLOYMENT
+    from tunnelvision.distributed.remote import DEPLOYMENT
 
-    application = serve.status().applications[f"{APP_NAME}-{url.rsplit(':', 1)[1]}"]
+    application = serve.status().applications[app_of(url)]
     return int(application.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0))
 
 

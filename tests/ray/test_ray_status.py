@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="Ray mode needs `pip install 'tunnelvisi
 
 # The same one-node cluster fixture as the serving tests (its environment set before Ray starts);
 # module-scoped, so this module gets its own cluster.
-from test_ray_serve import cluster, replica_pid  # noqa: E402, F401
+from test_ray_serve import app_of, cluster, replica_pid  # noqa: E402, F401
 
 from support import keyed_cli_server, wait_for  # noqa: E402
 from tunnelvision.tunnel.doctor import check_ray, ray_check  # noqa: E402
@@ -61,7 +61,7 @@ def test_readyz_reports_the_cluster_to_a_key_holder_only(keyed: tuple[str, str])
     assert time.monotonic() - started < 1.0, "readyz must answer from the cached snapshot"
     ray_section = body["ray"]
     assert ray_section["reachable"] is True
-    assert ray_section["app"] == f"tunnelvision-{port_of(url)}"
+    assert ray_section["app"] == app_of(url)
     assert ray_section["deployment"]["alive"] == 1
     assert ray_section["deployment"]["replicas"] == {"RUNNING": 1}
     assert ray_section["deployment"]["pipelines"] == ["grounded-sam"]

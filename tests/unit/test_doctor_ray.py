@@ -29,7 +29,8 @@ RAY_UP = {
 
 
 class FakeReadyz:
-    """/readyz answering `anonymous` without a key and `keyed` with KEY (as the real one does)."""
+    """/readyz answering `anonymous` without a key and `keyed` with KEY (as the real one does);
+    /healthz always 200, as a running server's."""
 
     def __init__(self, anonymous: dict[str, Any], keyed: dict[str, Any]) -> None:
         answers = (anonymous, keyed)
@@ -37,6 +38,8 @@ class FakeReadyz:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 body = answers[self.headers.get("Authorization") == f"Bearer {KEY}"]
+                if self.path == "/healthz":
+                    body = {"status": "ok"}
                 data = json.dumps(body).encode()
                 self.send_response(503 if body.get("status") == "not_ready" else 200)
                 self.send_header("Content-Type", "application/json")

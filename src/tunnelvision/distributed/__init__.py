@@ -14,7 +14,8 @@ replica with a forwarding ingress:
 - Deadlines are checked before the hop (the scheduler drops late tasks) and again on the replica
   before its device pass: what is left of each request's deadline crosses the hop with it.
 - A client that hangs up before its batch is sent never reaches a replica (the scheduler drops
-  the queued task). A call already sent runs to its end (see the limits below).
+  the queued task); once sent, the engine tells the backend (`RemoteBackend.abandon`), and a call
+  whose every client has gone is cancelled: the replica skips what has not reached its device.
 - Jobs, the image_id cache, /metrics and /readyz are the ingress's, unchanged: an image_id stays
   valid whichever replica serves it, and jobs live in the ingress node's SQLite, their runner
   submitting through the same engine and so the same remote backends.
@@ -27,7 +28,13 @@ replica with a forwarding ingress:
 Ray is imported only here (`remote`, `cluster`); `work` (what crosses the hop, and the replica's
 loop) has no Ray, so the engine and models stay free of it and `work` is tested anywhere.
 
-Limits of this first version: a batch already sent is not cancelled when all its clients hang up
-(the engine does not tell a backend that a running task was abandoned); embedding-cache stats
-are per replica and not reported at the ingress. Readiness counts live replicas (`/readyz`, `doctor`).
+A replica warms its models up in its constructor, so Serve sends it nothing before it is warm
+(the first replicas are deployed during the server's loading phase: ready means every replica is
+warm). Each reply carries the replica's numbers (counters, embedding cache), which the ingress
+keeps per replica for /readyz and adds up for /metrics without ever asking a replica on its own.
+A request reusing an image_id is routed by Serve (multiplexed model ids) to the replica that
+announced it holds its embedding. Readiness counts live replicas (`/readyz`, `doctor`).
+
+Limits: a device pass already running is not interrupted (a blocking model call cannot be); a
+replica's numbers are as of its last reply.
 """

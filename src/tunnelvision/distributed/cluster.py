@@ -66,7 +66,7 @@ def leave(settings: Settings) -> None:
 
 
 def serve_on_ray(settings: Settings) -> int:
-    """Deploy the device deployment, then run the usual HTTP server with remote backends."""
+    """Run the usual HTTP server, whose backends come from deploying the device deployment."""
     from tunnelvision.server import serve
 
     if importlib.util.find_spec("ray") is None:
@@ -75,9 +75,10 @@ def serve_on_ray(settings: Settings) -> int:
     with connected(settings) as ray:
         from tunnelvision.distributed.remote import deploy, remote_backends
 
-        handle = deploy(settings, float(ray.cluster_resources().get("GPU", 0)))
-
         def factory(_settings: Settings) -> Sequence[Backend]:
+            # The server's loading phase (/readyz: 503 `loading`): serve.run returns once every
+            # replica has loaded and warmed up its models, so ready means every replica is warm.
+            handle = deploy(settings, float(ray.cluster_resources().get("GPU", 0)))
             return remote_backends(handle, settings)
 
         return serve(settings, backend_factory=factory)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import yaml
@@ -18,7 +19,7 @@ import yaml
 from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
 from tunnelvision.exposure import auth_configured, is_loopback
 from tunnelvision.security.keys import KeyStore
-from tunnelvision.tunnel.config import ingress_problems
+from tunnelvision.tunnel.config import ingress_problems, origin_is_local
 from tunnelvision.tunnel.quick import INSTALL_HINT
 from tunnelvision.tunnel.systemd import ENV_FILE
 from tunnelvision.tunnel.up import UpState, pid_alive
@@ -48,6 +49,7 @@ class DoctorOptions:
     settings: Settings = field(default_factory=Settings)
     up: UpState | None = None  # what `tunnelvision up` runs, from its state file
     service_env: Path | None = Path(ENV_FILE)  # the systemd unit's settings, when installed
+    key: str | None = None  # for the live probes (--key; else TUNNELVISION_API_KEY)
 
 
 def resolve(options: DoctorOptions) -> DoctorOptions:
@@ -64,7 +66,14 @@ def resolve(options: DoctorOptions) -> DoctorOptions:
         settings.model_copy(update={"keys_file": Path(up.keys_file), "port": up.port}),
         up,
         options.service_env,
+        options.key,
     )
+
+
+def probe_key(options: DoctorOptions, environ: dict[str, str] | None = None) -> str | None:
+    """The key the live probes send: --key, else TUNNELVISION_API_KEY; None for neither."""
+    found = options.key or (os.environ if environ is None else environ).get("TUNNELVISION_API_KEY")
+    return found or None
 
 
 def service_settings(settings: Settings, env_file: Path | None) -> Settings:
@@ -105,8 +114,9 @@ def run_checks(options: DoctorOptions) -> list[Check]:
     port = options.port or options.settings.port
     quick = options.up is not None and pid_alive(options.up.pid)  # no service, no config.yml
     checks = [check_up(options.up)] if options.up else []
-    checks += check_local_server(port)
-    ray = check_ray(port, os.environ.get("TUNNELVISION_API_KEY"))
+    key = probe_key(options)
+    checks += check_local_server(port, key)
+    ray = check_ray(port, key)
     checks += [ray] if ray is not None else []
     settings = options.settings
     checks += [
@@ -150,7 +160,8 @@ def check_up(up: UpState) -> Check:
 # -- the local API ---------------------------------------------------------------------------
 
 
-def check_local_server(port: int) -> list[Check]:
+def check_local_server(port: int, key: str | None = None) -> list[Check]:
+    """/healthz, then /readyz (with the key, the reason it gives is the full one)."""
     base = f"http://127.0.0.1:{port}"
     try:
         health = httpx.get(f"{base}/healthz", timeout=3)
@@ -165,7 +176,7 @@ def check_local_server(port: int) -> list[Check]:
         ]
     if health.status_code != 200:
         return [Check("api", False, f"{base}/healthz answered {health.status_code}", "is this tunnelvision?")]
-    ready = httpx.get(f"{base}/readyz", timeout=3)
+    ready = httpx.get(f"{base}/readyz", headers=_bearer(key), timeout=3)
     if ready.status_code == 200:
         return [Check("api", True, f"{base} is up and ready")]
     reason = _error_message(ready)
@@ -181,15 +192,18 @@ def check_local_server(port: int) -> list[Check]:
 
 def check_ray(port: int, key: str | None) -> Check | None:
     """Ray mode (`serve --ray`), from the server's /readyz: its `ray` section reaches callers
-    with a key (TUNNELVISION_API_KEY), its one-word reason anyone. None when nothing answers
-    (the api check says so already)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with a key (--key or TUNNELVISION_API_KEY), its one-word reason anyone. None when nothing
+    answers (the api check says so already)."""
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers, timeout=3)
+        response = httpx.get(f"http://127.0.0.1:{port}/readyz", headers=_bearer(key), timeout=3)
         body = response.json()
     except (httpx.HTTPError, ValueError):
         return None
     return ray_check(body if isinstance(body, dict) else {}, keyed=bool(key))
+
+
+def _bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def ray_check(readyz: dict[str, Any], keyed: bool) -> Check:
@@ -236,19 +250,23 @@ def _ray_by_reason(reason: Any, detailed: bool) -> Check:
             "ray",
             False,
             "the server runs on Ray and no model replica is alive",
-            "Ray restarts a lost replica within seconds; set TUNNELVISION_API_KEY to see their states",
+            "Ray restarts a lost replica within seconds; pass --key (or set TUNNELVISION_API_KEY) "
+            "to see their states",
         )
     if reason == "cluster_unreachable":
         return Check(
             "ray",
             False,
             "the server cannot reach its Ray cluster",
-            "is the cluster up? set TUNNELVISION_API_KEY to see the error",
+            "is the cluster up? pass --key (or set TUNNELVISION_API_KEY) to see the error",
         )
     if detailed:
         return Check("ray", None, "not in Ray mode (the server runs its models itself)")
     return Check(
-        "ray", None, "no replica problem reported; set TUNNELVISION_API_KEY to see Ray's state (--ray only)"
+        "ray",
+        None,
+        "no replica problem reported; pass --key (or set TUNNELVISION_API_KEY) to see Ray's state "
+        "(--ray only)",
     )
 
 
@@ -423,15 +441,48 @@ def check_config(path: Path | None, port: int) -> Check:
         config = yaml.safe_load(found.read_text())
     except (OSError, yaml.YAMLError) as exc:
         return Check("config.yml", False, f"{found}: cannot be read: {exc}", "fix the YAML")
-    problems = ingress_problems(config, port)
+    problems, remote = config_problems(config, port)
     if problems:
         return Check(
             "config.yml",
             False,
             f"{found}: " + "; ".join(problems),
-            f"regenerate it: `tunnelvision tunnel config --port {port} ...`",
+            f"regenerate it: `tunnelvision tunnel config --port {port} ...` (or --origin URL)",
+        )
+    if remote:
+        where = ", ".join(remote)
+        return Check(
+            "config.yml",
+            True,
+            f"{found}: routes to {where} (another machine: run doctor there for its API), catch-all last",
         )
     return Check("config.yml", True, f"{found}: routes to port {port}, catch-all last")
+
+
+def config_problems(config: Any, port: int) -> tuple[list[str], list[str]]:
+    """(problems, remote origins): `ingress_problems`, where a rule to an API on another machine
+    (`tunnel config --origin URL`) counts as routing to the API, as a rule to this port does."""
+    problems = ingress_problems(config, port)
+    remote = remote_origins(config)
+    if remote:
+        problems = [p for p in problems if not p.startswith("no ingress rule sends traffic to")]
+    return problems, remote
+
+
+def remote_origins(config: Any) -> list[str]:
+    """The ingress services that are an http(s)://HOST:PORT origin on another machine."""
+    rules = config.get("ingress") if isinstance(config, dict) else None
+    services = [str(r.get("service", "")) for r in rules or [] if isinstance(r, dict)]
+    return [s for s in services if _is_origin(s) and not origin_is_local(s)]
+
+
+def _is_origin(service: str) -> bool:
+    parts = urlsplit(service)
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None
 
 
 # -- the public URL --------------------------------------------------------------------------
