@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     ray_downscale_delay_s: float = Field(
         120.0, ge=0, description="Ray mode: quiet held this long before a replica is removed"
     )
+    ray_app_name: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Ray mode: the Serve application's name; none: tunnelvision-MACHINE-PORT",
+    )
 
     # -- jobs ------------------------------------------------------------------------------------
     data_dir: Path = Field(

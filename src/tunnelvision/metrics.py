@@ -101,6 +101,7 @@ class EngineCollector(Collector):
         )
         yield CounterMetricFamily("tunnelvision_device_oom", "Device out-of-memory events", value=oom)
         yield from _cache_metrics(stats.get("caches", {}))
+        yield from _replica_cache_metrics(stats.get("replicas", {}))
         memory = GaugeMetricFamily(
             "tunnelvision_device_memory_bytes", "Device memory allocated", labels=["device"]
         )
@@ -122,6 +123,21 @@ class LogCollector(Collector):
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _replica_cache_metrics(replicas: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    """Ray mode: embedding cache hits and misses per replica (the totals are the cache metrics)."""
+    hits = CounterMetricFamily(
+        "tunnelvision_replica_cache_hits", "Embedding cache hits per Ray replica", labels=["replica"]
+    )
+    misses = CounterMetricFamily(
+        "tunnelvision_replica_cache_misses", "Embedding cache misses per Ray replica", labels=["replica"]
+    )
+    for replica, numbers in replicas.items():
+        cache = numbers.get("cache") or {}
+        hits.add_metric([replica], cache.get("hits", 0))
+        misses.add_metric([replica], cache.get("misses", 0))
+    yield from (hits, misses)
 
 
 def _cache_metrics(caches: dict[str, dict[str, int]]) -> Iterator[Any]:

@@ -129,3 +129,5 @@ def test_reusing_an_image_id_hits_the_replica_that_holds_its_embedding(
         metrics = httpx.get(f"{url}/metrics", timeout=10).text  # the replicas' caches, added up
         assert 'tunnelvision_cache_hits_total{cache="embeddings"} 6.0' in metrics, metrics
         assert 'tunnelvision_cache_misses_total{cache="embeddings"} 1.0' in metrics
+        (replica,) = [rid for rid, c in caches.items() if c.get("misses")]
+        assert f'tunnelvision_replica_cache_hits_total{{replica="{replica}"}} 6.0' in metrics

@@ -167,7 +167,16 @@ class AppState:
             "queue": self.stats(),
             "caches": engine.cache_stats() if engine is not None else {},
             "device_memory": engine.device_memory() if engine is not None else {},
+            "replicas": self.replica_stats(),
         }
+
+    def replica_stats(self) -> dict[str, dict[str, Any]]:
+        """Ray mode: each replica's last reported numbers (from the status snapshot; never blocks)."""
+        for backend in self.engine.backends if self.engine is not None else ():
+            report = getattr(backend, "cluster_status", None)
+            if callable(report):
+                return dict((report() or {}).get("replica_stats") or {})
+        return {}
 
 
 def reload_spec(pipeline: PipelineSummary, source: str | None) -> PipelineSpec:

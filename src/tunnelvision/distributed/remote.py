@@ -172,9 +172,8 @@ def deploy(settings: Settings, cluster_gpus: float) -> DeploymentHandle[Any]:
 def app_name(settings: Settings, host: str | None = None) -> str:
     """One Serve application per server, named by its machine and port, so servers on several
     machines (or ports) share a cluster without sharing replicas; `ray_app_name` overrides."""
-    chosen = getattr(settings, "ray_app_name", None)
-    if chosen:
-        return str(chosen)
+    if settings.ray_app_name:
+        return settings.ray_app_name
     machine = re.sub(r"[^A-Za-z0-9.-]+", "-", host or socket.gethostname()).strip("-") or "host"
     return f"{APP_NAME}-{machine}-{settings.port}"
 

@@ -264,9 +264,11 @@ def encode_object(tracked: TrackedObject) -> dict[str, Any]:
 
 
 def decode_objects(committed: CommittedFrame) -> list[TrackedObject]:
-    return [
-        TrackedObject(
-            o["id"], o["label"], o["score"], tuple(o["box"]), decode_rle(RLE.model_validate(o["mask"])).astype(np.bool_)
-        )
-        for o in committed.objects
-    ]
+    """A committed frame's objects with their masks as arrays again (to seed a new session)."""
+    return [decode_object(o) for o in committed.objects]
+
+
+def decode_object(stored: dict[str, Any]) -> TrackedObject:
+    mask = decode_rle(RLE.model_validate(stored["mask"])).astype(np.bool_)
+    x1, y1, x2, y2 = stored["box"]
+    return TrackedObject(stored["id"], stored["label"], stored["score"], (x1, y1, x2, y2), mask)
