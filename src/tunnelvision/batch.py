@@ -9,17 +9,25 @@ outside `--out` and `x.jpg` and `x.png` stay apart:
     OUT/nested/b.jpg.overlay.png    masks, boxes and labels drawn on the image
     OUT/nested/b.jpg.masks/000.png  one PNG per detection (255 inside), numbered as in the JSON
     OUT/nested/b.jpg.json           the server's answer (RLE masks)
+
+Clips (.mp4 .mov .m4v .webm .mkv .avi) go up as video jobs, followed to the end, and their
+exports come down beside them (a rerun skips clips whose exports are all there):
+
+    OUT/clip.mp4.video.json         every tracked frame's objects (RLE masks) and per-object summaries
+    OUT/clip.mp4.mot.txt            MOT Challenge lines: frame,id,left,top,width,height,score,-1,-1,-1
+    OUT/clip.mp4.overlay.mp4        the clip with the masks, boxes and ids drawn
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import itertools
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,20 +44,34 @@ from tunnelvision.masks import decode_rle, encode_png
 from tunnelvision.schemas import RLE, SegmentResponse
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
+# A clip's exports under --out, by the result format they are: NAME (extension kept) + this.
+VIDEO_EXPORTS = {"json": ".video.json", "mot": ".mot.txt", "mp4": ".overlay.mp4"}
 # Failures that say no later image can succeed either: stop instead of failing each one.
 UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
-# Failures of one image: reported, and the run goes on.
-IMAGE_FAILURES = (APIError, OSError, ValueError, httpx.HTTPError)
 
 
 class PredictError(Exception):
     """A reason to stop, worded for the person at the terminal."""
 
 
+class VideoFailed(Exception):
+    """A clip's job ended without its results (failed on the server, or still running at the
+    time limit)."""
+
+
+# Failures of one image or clip: reported, and the run goes on.
+IMAGE_FAILURES = (APIError, OSError, ValueError, httpx.HTTPError, VideoFailed)
+
+
 @dataclass
 class Job:
     path: Path
     name: str  # relative to the inputs' common root: the COCO file_name and the place under --out
+
+    @property
+    def is_video(self) -> bool:
+        return self.path.suffix.lower() in VIDEO_SUFFIXES
 
 
 @dataclass
@@ -59,6 +81,16 @@ class Summary:
     failed: dict[str, str] = field(default_factory=dict)
     not_tried: int = 0
     stopped: str | None = None  # why the run stopped early
+
+    def plus(self, other: Summary) -> Summary:
+        """Both runs' counts (images, then clips), and the first reason to stop."""
+        return Summary(
+            self.done + other.done,
+            self.skipped + other.skipped,
+            {**self.failed, **other.failed},
+            self.not_tried + other.not_tried,
+            self.stopped or other.stopped,
+        )
 
 
 def find_images(inputs: Iterable[str], exclude: Path | None = None) -> list[Job]:
@@ -82,7 +114,8 @@ def _expand(spec: str) -> tuple[str, list[Path]]:
     """The files `spec` names, and the folder their names are relative to."""
     path = Path(spec)
     if path.is_dir():
-        images = (f for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES)
+        wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+        images = (f for f in sorted(path.rglob("*")) if f.suffix.lower() in wanted)
         return os.path.abspath(path), [f for f in images if f.is_file()]
     if glob.has_magic(spec):
         fixed = itertools.takewhile(lambda part: not glob.has_magic(part), path.parts[:-1])
@@ -165,6 +198,71 @@ class Predictor:
         write_atomic(Path(f"{target}.json"), result.model_dump_json(indent=1).encode())
 
 
+@dataclass
+class VideoPredictor:
+    """One clip: uploaded as a video job, followed to its end with a progress bar of its frames,
+    its exports downloaded under `out` (`VIDEO_EXPORTS`), then the job deleted from the server."""
+
+    client: Client
+    fields: dict[str, Any]  # `Client.track_video` keyword arguments: model, prompt, boxes, stride...
+    out: Path
+    formats: tuple[str, ...] = tuple(VIDEO_EXPORTS)
+    timeout_s: float = 3600.0
+
+    def exports(self, job: Job) -> dict[str, Path]:
+        target = self.out / job.name
+        if not _inside(target, self.out):  # names are relative by construction; never trust it
+            raise ValueError(f"{job.name} would be written outside {self.out}")
+        return {fmt: Path(f"{target}{VIDEO_EXPORTS[fmt]}") for fmt in self.formats}
+
+    def answered(self, job: Job) -> bool:
+        return all(path.is_file() for path in self.exports(job).values())
+
+    def run_one(self, job: Job, progress: Any = None) -> None:
+        status = self.client.track_video(job.path, **self.fields)
+        try:
+            status = self.client.wait_video(status["id"], self.timeout_s, frames_bar(progress, job.name))
+        except BaseException:  # Ctrl-C, a lost server: the job would go on tracking for nobody
+            forget(self.client, status["id"])
+            raise
+        if status["status"] != "done":
+            raise VideoFailed(unfinished(status, self.timeout_s))
+        for fmt, path in self.exports(job).items():
+            result = self.client.video_result(status["id"], fmt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(result).encode() if isinstance(result, dict) else _bytes(result))
+        forget(self.client, status["id"])  # the exports are here now; free the server's disk
+
+
+def frames_bar(progress: Any, name: str) -> Callable[[dict[str, Any]], None] | None:
+    """A progress callback that shows one clip's tracked frames (done / total) in `progress`."""
+    if progress is None:
+        return None
+    task = progress.add_task(f"tracking {name}", total=None)
+
+    def show(status: dict[str, Any]) -> None:
+        progress.update(task, total=status["frames_total"] or None, completed=status["frames_done"])
+
+    return show
+
+
+def unfinished(status: dict[str, Any], timeout_s: float) -> str:
+    if status["status"] == "failed":
+        return f"the job failed on the server: {status.get('error') or 'no reason given'}"
+    return f"still {status['status']} after {timeout_s:g} s (video job {status['id']} goes on on the server)"
+
+
+def forget(client: Client, video_id: str) -> None:
+    """Delete a video job, as far as the server can still be told."""
+    # Gone already, or unreachable: the server's retention time deletes it.
+    with contextlib.suppress(APIError, httpx.HTTPError):
+        client.delete_video(video_id)
+
+
+def _bytes(result: str | bytes) -> bytes:
+    return result.encode() if isinstance(result, str) else result
+
+
 def write_masks(folder: Path, result: SegmentResponse) -> None:
     """One PNG per detection (0 outside, 255 inside; overlaps kept), named by its index in the
     answer's `detections`. Written beside `folder`, then swapped in: no file of an older answer
@@ -220,6 +318,25 @@ def predict(
     return summary
 
 
+def predict_videos(
+    jobs: list[Job], predictor: VideoPredictor, progress: Any = None, force: bool = False
+) -> Summary:
+    """Run the clips whose exports are not all there yet (all with `force`), one at a time and in
+    this thread: Ctrl-C reaches the wait, and the job it interrupts is deleted on the server."""
+    todo = jobs if force else [job for job in jobs if not predictor.answered(job)]
+    summary = Summary(skipped=len(jobs) - len(todo))
+    for index, job in enumerate(todo):
+        try:
+            predictor.run_one(job, progress)
+        except Exception as exc:
+            if not _tally(summary, job.name, exc, predictor.client.url):
+                summary.not_tried += len(todo) - index - 1
+                break
+        else:
+            summary.done += 1
+    return summary
+
+
 def _count(
     summary: Summary, name: str, future: Future[None], url: str, futures: dict[Future[None], Job]
 ) -> None:
@@ -229,15 +346,20 @@ def _count(
     exc = future.exception()
     if exc is None:
         summary.done += 1
-    elif (reason := stop_reason(exc, url)) is not None:
+    elif not _tally(summary, name, exc, url):
+        _cancel(futures)
+
+
+def _tally(summary: Summary, name: str, exc: BaseException, url: str) -> bool:
+    """Counts a failure of `name`; False when it says that no later input can succeed."""
+    if (reason := stop_reason(exc, url)) is not None:
         summary.not_tried += 1
-        if summary.stopped is None:
-            summary.stopped = reason
-            _cancel(futures)
-    elif isinstance(exc, IMAGE_FAILURES):
+        summary.stopped = summary.stopped or reason
+        return False
+    if isinstance(exc, IMAGE_FAILURES):
         summary.failed[name] = str(exc) or type(exc).__name__
-    else:
-        raise exc
+        return True
+    raise exc
 
 
 def _cancel(futures: Iterable[Future[None]]) -> None:

@@ -441,48 +441,181 @@ def write_one_family(args: argparse.Namespace) -> int:
     return 0
 
 
+PREDICT_HELP = """Images are segmented one request each; clips (.mp4 .mov .m4v .webm .mkv .avi) go up as
+video jobs, with a progress bar of their tracked frames. Under --out, NAME is the input's path
+relative to the inputs' common folder, extension kept:
+
+  NAME.overlay.png, NAME.masks/000.png, NAME.json   an image's overlay, masks and answer
+  NAME.video.json   a clip's tracked frames (RLE masks) and per-object summaries
+  NAME.mot.txt      a clip's MOT Challenge lines: frame,id,left,top,width,height,score,-1,-1,-1
+  NAME.overlay.mp4  the clip with the masks, boxes and ids drawn
+
+A rerun skips images the --coco file has answers for and clips whose exports are all there."""
+
+
 def add_predict_command(commands: Any) -> None:
-    predict = commands.add_parser("predict", help="segment files, folders and globs through a server")
-    predict.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
-    predict.add_argument("--prompt", required=True, help="phrases separated by '.', e.g. 'forklift . person'")
+    predict = commands.add_parser(
+        "predict",
+        help="segment images and track objects in clips (files, folders, globs) through a server",
+        description=PREDICT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("paths", nargs="+", help="image and clip files, folders (recursive) or globs")
+    predict.add_argument(
+        "--prompt",
+        default=None,
+        help="phrases separated by '.', e.g. 'forklift . person' (needed for images; clips take it "
+        "unless --video-boxes or --video-points are given)",
+    )
     predict.add_argument("--url", default=None, help="server (default: TUNNELVISION_URL or 127.0.0.1:8000)")
     predict.add_argument("--key", default=None, help="API key (default: TUNNELVISION_API_KEY)")
-    predict.add_argument("--concurrency", type=int, default=4)
+    predict.add_argument("--concurrency", type=int, default=4, help="images in flight at once (clips: one)")
     predict.add_argument(
-        "--out", type=Path, default=None, help="write overlays, masks and JSON here, mirroring the inputs"
+        "--out",
+        type=Path,
+        default=None,
+        help="write overlays, masks and JSON here, mirroring the inputs (clips need it)",
     )
     predict.add_argument(
         "--coco", type=Path, default=None, help="write COCO instances (RLE) to this file; a rerun adds to it"
     )
     predict.add_argument(
-        "--force", action="store_true", help="redo images the --coco file already has answers for"
+        "--force", action="store_true", help="redo images and clips that earlier runs answered"
     )
     predict.add_argument("--box-threshold", type=float, default=None)
     predict.add_argument("--text-threshold", type=float, default=None)
     predict.add_argument("--max-detections", type=int, default=None)
     predict.add_argument(
-        "--model", default=None, help="pipeline name (default: the server's first; see GET /v1/models)"
+        "--model", default=None, help="pipeline for images (default: the server's first; see GET /v1/models)"
     )
+    add_video_flags(predict)
     predict.set_defaults(handler=run_predict)
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
+def add_video_flags(predict: argparse.ArgumentParser) -> None:
+    video = predict.add_argument_group("clips")
+    video.add_argument(
+        "--video-model", default=None, help="video pipeline for clips (default: the server's first)"
+    )
+    video.add_argument(
+        "--video-boxes",
+        type=json_list,
+        default=None,
+        metavar="JSON",
+        help="objects to follow, one box each on --video-frame: '[[x1,y1,x2,y2], ...]'",
+    )
+    video.add_argument(
+        "--video-points",
+        type=json_list,
+        default=None,
+        metavar="JSON",
+        help="one object to follow, by points on --video-frame: '[[x,y,1], ...]' (0: background)",
+    )
+    video.add_argument(
+        "--video-frame",
+        type=int,
+        default=None,
+        help="the frame the boxes or points are on (default: --start)",
+    )
+    video.add_argument("--start", type=int, default=0, help="first frame to track (default 0)")
+    video.add_argument(
+        "--end", type=int, default=None, help="track up to this frame, exclusive (default: the last)"
+    )
+    video.add_argument("--stride", type=int, default=1, help="track every Nth frame (default 1)")
+    video.add_argument(
+        "--video-formats",
+        type=video_formats,
+        default=("json", "mot", "mp4"),
+        metavar="LIST",
+        help="exports to download, comma-separated from json, mot, mp4 (default: all three)",
+    )
+    video.add_argument(
+        "--video-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds to wait for one clip's job before counting it failed (default 3600)",
+    )
 
-    from tunnelvision.batch import CocoWriter, PredictError, Predictor, find_images, predict
+
+def json_list(text: str) -> list[Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(item, list) for item in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of lists, e.g. '[[10,20,110,120]]'")
+    return value
+
+
+def video_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(word.strip() for word in text.split(",") if word.strip()))
+    unknown = [fmt for fmt in formats if fmt not in ("json", "mot", "mp4")]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from json, mot, mp4 (comma-separated)")
+    return formats
+
+
+def predict_problem(args: argparse.Namespace, images: bool, clips: bool) -> str | None:
+    """What makes these inputs and flags unusable before anything is sent, or None."""
+    phrases = normalize_phrases(args.prompt)
+    if args.prompt is not None and not phrases:
+        return "--prompt has no phrases: e.g. 'forklift . person'"
+    if images and not phrases:
+        return "images need --prompt: phrases separated by '.', e.g. 'forklift . person'"
+    if clips and args.out is None:
+        return "clips need --out: their exports (NAME.video.json, NAME.mot.txt, NAME.overlay.mp4) go there"
+    if clips and not (phrases or args.video_boxes or args.video_points):
+        return "clips need something to follow: --prompt, --video-boxes or --video-points"
+    if args.video_boxes and args.video_points:
+        return "give --video-boxes or --video-points, not both (points make one object)"
+    return None
+
+
+def video_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """`Client.track_video` arguments: boxes or points when given, else the text prompt."""
+    shapes = {"boxes": args.video_boxes, "points": args.video_points}
+    follow = shapes if any(shapes.values()) else {"prompt": args.prompt}
+    fields = {
+        **follow,
+        "model": args.video_model,
+        "frame": args.video_frame,
+        "start": args.start,
+        "end": args.end,
+        "stride": args.stride,
+        "box_threshold": args.box_threshold,
+        "text_threshold": args.text_threshold,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tunnelvision.batch import (
+        CocoWriter,
+        PredictError,
+        Predictor,
+        Summary,
+        VideoPredictor,
+        find_images,
+        predict,
+        predict_videos,
+    )
     from tunnelvision.client import Client
-    from tunnelvision.schemas import normalize_prompt
 
     jobs = find_images(args.paths, exclude=args.out)
+    images, clips = [j for j in jobs if not j.is_video], [j for j in jobs if j.is_video]
     if not jobs:
-        print("tunnelvision: no images found", file=sys.stderr)
+        print("tunnelvision: no images found (nor clips)", file=sys.stderr)
         return 2
     options = {k: getattr(args, k) for k in ("box_threshold", "text_threshold", "max_detections", "model")}
     try:
-        phrases = normalize_prompt(args.prompt)
-        if not phrases:
-            raise PredictError("--prompt has no phrases: e.g. 'forklift . person'")
-        coco = CocoWriter(args.coco, phrases)
+        problem = predict_problem(args, bool(images), bool(clips))
+        if problem is not None:
+            raise PredictError(problem)
+        coco = CocoWriter(args.coco if images else None, normalize_phrases(args.prompt))
     except (PredictError, ValueError) as exc:  # a bad prompt, an unusable --coco file
         print(f"tunnelvision: {exc}", file=sys.stderr)
         return 2
@@ -493,12 +626,21 @@ def run_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a URL that is no http(s) URL
         print(f"tunnelvision: {exc}", file=sys.stderr)
         return 2
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    summary = Summary()
     try:
-        with client, Progress(transient=True) as progress:
-            predictor = Predictor(
-                client, args.prompt, {k: v for k, v in options.items() if v is not None}, args.out, coco
-            )
-            summary = predict(jobs, predictor, args.concurrency, progress, force=args.force)
+        with client, Progress(*columns, transient=True) as progress:
+            if images:
+                given = {k: v for k, v in options.items() if v is not None}
+                predictor = Predictor(client, args.prompt, given, args.out, coco)
+                summary = predict(images, predictor, args.concurrency, progress, force=args.force)
+            if clips and summary.stopped is None:
+                tracker = VideoPredictor(
+                    client, video_fields(args), args.out, args.video_formats, args.video_timeout
+                )
+                summary = summary.plus(predict_videos(clips, tracker, progress, force=args.force))
+            elif clips:
+                summary.not_tried += len(clips)
     except KeyboardInterrupt:
         print("tunnelvision: interrupted; run the same command again to go on", file=sys.stderr)
         return 130
@@ -510,6 +652,12 @@ def run_predict(args: argparse.Namespace) -> int:
     counts = f"{summary.done} done, {summary.skipped} skipped (already done), {len(summary.failed)} failed"
     print(counts + tried)
     return 1 if summary.failed or summary.stopped else 0
+
+
+def normalize_phrases(prompt: str | None) -> list[str]:
+    from tunnelvision.schemas import normalize_prompt
+
+    return normalize_prompt(prompt) if prompt is not None else []
 
 
 def add_tunnel_commands(commands: Any) -> None:
@@ -564,6 +712,9 @@ def add_doctor_command(commands: Any) -> None:
     doctor.add_argument("--metrics", default=None, help="cloudflared metrics host:port")
     doctor.add_argument("--config", type=Path, default=None, help="cloudflared config.yml to check")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--key", default=None, help="API key for the live probes (default: env TUNNELVISION_API_KEY)"
+    )
     doctor.add_argument(
         "--data-dir",
         type=Path,
@@ -658,7 +809,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     settings = Settings()
     up = read_state(args.data_dir or settings.data_dir)
-    options = DoctorOptions(args.port, args.public_url, args.metrics, args.config, settings, up)
+    options = DoctorOptions(args.port, args.public_url, args.metrics, args.config, settings, up, key=args.key)
     checks = run_checks(options)
     print(render(checks, args.json))
     return 0 if all_ok(checks) else 1

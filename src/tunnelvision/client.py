@@ -16,10 +16,12 @@ never made, so the request cannot have reached the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +44,9 @@ from tunnelvision.schemas import (
 )
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+VideoInput = str | os.PathLike[str] | bytes  # a clip file (MP4, MOV, WebM, MKV, AVI, a zip of frames)
+Event = dict[str, Any]  # one Server-Sent Event: {"event", "id", "data"}
+Progress = Callable[[dict[str, Any]], object]  # called with each video status seen
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRYABLE = (429, 503)
@@ -266,6 +271,79 @@ def reload_call(name: str, source: str | None, timeout: float) -> Call:
     return Call("POST", f"/v1/models/{name}/reload", None, body, timeout, retry_busy=False)
 
 
+def video_call(video: VideoInput, fields: dict[str, Any]) -> Call:
+    """The upload of a clip (read whole: a retry sends it again) with what to follow in it."""
+    if isinstance(video, bytes):
+        name, data = "clip", video  # the server finds the container from the bytes
+    else:
+        name, data = Path(video).name, Path(video).read_bytes()
+    files = {"video": (name, data, "application/octet-stream")}
+    return Call("POST", "/v1/videos", files, _given(_fields(**fields)))
+
+
+def correction_call(video_id: str, fields: dict[str, Any]) -> Call:
+    return Call("POST", f"/v1/videos/{video_id}/prompts", None, _given(fields))
+
+
+def video_answer(response: httpx.Response, format: str) -> dict[str, Any] | str | bytes:
+    """A result in the format asked for: json as a dict, mot as text, mp4 as the file's bytes."""
+    if format == "json":
+        result: dict[str, Any] = response.json()
+        return result
+    return response.text if format == "mot" else response.content
+
+
+class EventReader:
+    """Server-Sent Events from lines of a stream (the WHATWG rules: `field: value` lines, a blank
+    line ends an event, lines starting with ':' are comments). Remembers the last event id, which
+    a reconnection sends as Last-Event-ID to resume after it."""
+
+    def __init__(self, last_event_id: str | None = None) -> None:
+        self.last_event_id = last_event_id
+        self.retry_s: float | None = None  # the server's advice on when to reconnect
+        self._event, self._id, self._data = "", None, []  # type: tuple[str, str | None, list[str]]
+
+    def connect(self) -> dict[str, str]:
+        """A new connection's headers, resuming after the last whole event; an event half
+        received on the connection before is dropped (it comes again whole)."""
+        self._event, self._id, self._data = "", None, []
+        return {"Accept": "text/event-stream", "Cache-Control": "no-cache"} | (
+            {"Last-Event-ID": self.last_event_id} if self.last_event_id is not None else {}
+        )
+
+    def feed(self, line: str) -> Event | None:
+        """The event that `line` completes, if any (`{"event", "id", "data"}`, data parsed as JSON
+        when it is JSON); {"event": ""} for a comment (a keep-alive: the stream is alive)."""
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return {"event": "", "id": None, "data": line[1:].strip()}
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        elif name == "retry" and value.isdigit():
+            self.retry_s = int(value) / 1000
+        return None
+
+    def _dispatch(self) -> Event | None:
+        event, event_id, data = self._event or "message", self._id, "\n".join(self._data)
+        self._event, self._id, self._data = "", None, []
+        if event_id is not None:
+            self.last_event_id = event_id
+        if not data:  # an event without data is not dispatched (`retry:` alone, say)
+            return None
+        try:
+            parsed: Any = json.loads(data)
+        except ValueError:
+            parsed = data
+        return {"event": event, "id": event_id, "data": parsed}
+
+
 def _name_of(image: ImageInput, index: int) -> str:
     return Path(image).name if isinstance(image, str | os.PathLike) else f"image-{index:05d}.png"
 
@@ -299,6 +377,22 @@ def _fields(prompt: Any = None, **options: Any) -> dict[str, Any]:
 
 def _jobs(job_id: str, tail: str = "", method: str = "GET") -> Call:
     return Call(method, f"/v1/jobs/{job_id}{tail}")
+
+
+def _videos(video_id: str, tail: str = "", method: str = "GET") -> Call:
+    return Call(method, f"/v1/videos/{video_id}{tail}")
+
+
+def _event_stream(video_id: str, frames: bool) -> Call:
+    return _videos(video_id, "/events" if frames else "/events?frames=false")
+
+
+def _finished(status: dict[str, Any]) -> bool:
+    return status.get("status") not in UNFINISHED
+
+
+def _ignore(status: dict[str, Any]) -> None:
+    """No progress callback given."""
 
 
 Outcome = httpx.Response | httpx.RequestError  # what one attempt got: an answer, or none
@@ -450,6 +544,98 @@ class Client(_Base):
     def cancel_job(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate(self._send(_jobs(job_id, method="DELETE")).json())
 
+    def track_video(
+        self,
+        video: VideoInput,
+        *,
+        model: str | None = None,
+        prompt: str | list[str] | None = None,
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        frame: int | None = None,
+        start: int = 0,
+        end: int | None = None,
+        stride: int = 1,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Upload a clip (a path or its bytes) as a video job and return its status at once (queued):
+        follow it with `wait_video` or `video_events`, read it with `video_result`. What to follow:
+        a text `prompt`, or `boxes` ([[x1, y1, x2, y2], ...], one object each) or `points`
+        ([[x, y, label], ...], one object) on `frame`. `start`/`end`/`stride`: the frames tracked;
+        options: box_threshold, text_threshold, max_objects, keyframe_every."""
+        fields = {"model": model, "prompt": prompt, "boxes": boxes, "points": points, "frame": frame}
+        call = video_call(video, {**fields, "start": start, "end": end, "stride": stride, **options})
+        return self._json(call)
+
+    def video(self, video_id: str) -> dict[str, Any]:
+        """A video job's status: status, frames_done, frames_total, progress, objects, error..."""
+        return self._json(_videos(video_id))
+
+    def videos(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Your video jobs' statuses, newest first."""
+        listed: list[dict[str, Any]] = self._json(Call("GET", f"/v1/videos?limit={limit}"))["videos"]
+        return listed
+
+    def video_result(self, video_id: str, format: str = "json") -> dict[str, Any] | str | bytes:
+        """The results committed so far: "json" (a dict: each tracked frame's objects with RLE
+        masks, and per-object summaries), "mot" (MOT Challenge text) or "mp4" (the clip with the
+        masks drawn, as bytes)."""
+        return video_answer(self._send(_videos(video_id, f"/result?format={format}")), format)
+
+    def video_events(self, video_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's live results as {"event", "id", "data"}: a `frame` event per committed frame
+        (data: {"frame", "objects"}), `status` events (data: the status), until the job ends.
+        A broken connection is resumed after the last event received (Last-Event-ID)."""
+        for event in self._events(video_id, last_event_id):
+            if event["event"]:  # not a keep-alive
+                yield event
+
+    def correct_video(
+        self,
+        video_id: str,
+        frame: int,
+        box: list[float] | None = None,
+        points: list[list[float]] | None = None,
+        object_id: int | None = None,
+        label: str | None = None,
+        direction: str = "forward",
+    ) -> dict[str, Any]:
+        """Fix object `object_id` (or add a new one) by a `box` or `points` on `frame`; the frames
+        from there (`direction`: forward, backward or both) are tracked again. The job's status."""
+        fields = {"frame": frame, "box": box, "points": points, "object_id": object_id}
+        return self._json(correction_call(video_id, {**fields, "label": label, "direction": direction}))
+
+    def delete_video(self, video_id: str) -> None:
+        """Cancel the job if it runs, and delete it and its files."""
+        self._send(_videos(video_id, method="DELETE"))
+
+    def wait_video(
+        self,
+        video_id: str,
+        timeout_s: float = 3600.0,
+        on_progress: Progress | None = None,
+        poll_s: float = 2.0,
+    ) -> dict[str, Any]:
+        """The job's status once it is done or failed (corrections included), or after `timeout_s`
+        (checked at each event; the server sends one at least every keep-alive interval).
+        Follows the event stream, calling `on_progress(status)` at each status; where the stream
+        cannot be followed (a proxy that cuts or refuses it), polls every `poll_s`."""
+        end, report = time.monotonic() + timeout_s, on_progress or _ignore
+        with (
+            contextlib.suppress(TransportError, ServerError),
+            contextlib.closing(self._events(video_id, None, frames=False)) as events,
+        ):
+            for event in events:
+                if event["event"] == "status":
+                    report(event["data"])
+                if time.monotonic() >= end:
+                    break
+        while not _finished(status := self.video(video_id)) and time.monotonic() < end:
+            report(status)
+            time.sleep(poll_s)
+        report(status)
+        return status
+
     def ready(self) -> bool:
         """Whether the server is ready for work now: False while it starts, loads or is
         unreachable (no retries: it answers for this moment)."""
@@ -460,6 +646,38 @@ class Client(_Base):
 
     def _model(self, model: type[M], call: Call) -> M:
         return with_phrases(model.model_validate(self._send(call).json()), call)
+
+    def _json(self, call: Call) -> dict[str, Any]:
+        body: dict[str, Any] = self._send(call).json()
+        return body
+
+    def _events(
+        self, video_id: str, last_event_id: str | None, frames: bool = True
+    ) -> Generator[Event, None, None]:
+        """Every event of the stream, keep-alives included; reconnects (resuming after the last
+        event) when the connection breaks, as often as the client's retries allow in a row.
+        `frames=False`: status events only (progress without masks)."""
+        reader, attempt, call = EventReader(last_event_id), 0, _event_stream(video_id, frames)
+        while True:
+            outcome: Outcome
+            try:
+                with self._http.stream("GET", call.path, headers=reader.connect()) as response:
+                    if response.status_code < 400:
+                        for line in response.iter_lines():
+                            if (event := reader.feed(line)) is not None:
+                                attempt = 0  # it made progress: a later break starts afresh
+                                yield event
+                        return
+                    response.read()
+                    outcome = response
+            except httpx.RequestError as exc:
+                outcome = exc
+            wait_s = self._wait_s(call, outcome, attempt)
+            if wait_s is None:
+                self._result(call, outcome)  # raises: an error answer, or no answer
+                return
+            time.sleep(max(wait_s, reader.retry_s or 0.0))
+            attempt += 1
 
     def _send(self, call: Call) -> httpx.Response:
         attempt = 0
@@ -570,6 +788,76 @@ class AsyncClient(_Base):
     async def cancel_job(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate((await self._send(_jobs(job_id, method="DELETE"))).json())
 
+    async def track_video(
+        self,
+        video: VideoInput,
+        *,
+        model: str | None = None,
+        prompt: str | list[str] | None = None,
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        frame: int | None = None,
+        start: int = 0,
+        end: int | None = None,
+        stride: int = 1,
+        **options: Any,
+    ) -> dict[str, Any]:
+        fields = {"model": model, "prompt": prompt, "boxes": boxes, "points": points, "frame": frame}
+        call = video_call(video, {**fields, "start": start, "end": end, "stride": stride, **options})
+        return await self._json(call)
+
+    async def video(self, video_id: str) -> dict[str, Any]:
+        return await self._json(_videos(video_id))
+
+    async def videos(self, limit: int = 20) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = (await self._json(Call("GET", f"/v1/videos?limit={limit}")))["videos"]
+        return listed
+
+    async def video_result(self, video_id: str, format: str = "json") -> dict[str, Any] | str | bytes:
+        return video_answer(await self._send(_videos(video_id, f"/result?format={format}")), format)
+
+    async def video_events(self, video_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
+        async for event in self._events(video_id, last_event_id):
+            if event["event"]:
+                yield event
+
+    async def correct_video(
+        self,
+        video_id: str,
+        frame: int,
+        box: list[float] | None = None,
+        points: list[list[float]] | None = None,
+        object_id: int | None = None,
+        label: str | None = None,
+        direction: str = "forward",
+    ) -> dict[str, Any]:
+        fields = {"frame": frame, "box": box, "points": points, "object_id": object_id}
+        return await self._json(correction_call(video_id, {**fields, "label": label, "direction": direction}))
+
+    async def delete_video(self, video_id: str) -> None:
+        await self._send(_videos(video_id, method="DELETE"))
+
+    async def wait_video(
+        self,
+        video_id: str,
+        timeout_s: float = 3600.0,
+        on_progress: Progress | None = None,
+        poll_s: float = 2.0,
+    ) -> dict[str, Any]:
+        end, report = time.monotonic() + timeout_s, on_progress or _ignore
+        with contextlib.suppress(TransportError, ServerError):
+            async with contextlib.aclosing(self._events(video_id, None, frames=False)) as events:
+                async for event in events:
+                    if event["event"] == "status":
+                        report(event["data"])
+                    if time.monotonic() >= end:
+                        break
+        while not _finished(status := await self.video(video_id)) and time.monotonic() < end:
+            report(status)
+            await asyncio.sleep(poll_s)
+        report(status)
+        return status
+
     async def ready(self) -> bool:
         try:
             return (await self._http.get("/readyz")).status_code == 200
@@ -578,6 +866,35 @@ class AsyncClient(_Base):
 
     async def _model(self, model: type[M], call: Call) -> M:
         return with_phrases(model.model_validate((await self._send(call)).json()), call)
+
+    async def _json(self, call: Call) -> dict[str, Any]:
+        body: dict[str, Any] = (await self._send(call)).json()
+        return body
+
+    async def _events(
+        self, video_id: str, last_event_id: str | None, frames: bool = True
+    ) -> AsyncGenerator[Event, None]:
+        reader, attempt, call = EventReader(last_event_id), 0, _event_stream(video_id, frames)
+        while True:
+            outcome: Outcome
+            try:
+                async with self._http.stream("GET", call.path, headers=reader.connect()) as response:
+                    if response.status_code < 400:
+                        async for line in response.aiter_lines():
+                            if (event := reader.feed(line)) is not None:
+                                attempt = 0
+                                yield event
+                        return
+                    await response.aread()
+                    outcome = response
+            except httpx.RequestError as exc:
+                outcome = exc
+            wait_s = self._wait_s(call, outcome, attempt)
+            if wait_s is None:
+                self._result(call, outcome)
+                return
+            await asyncio.sleep(max(wait_s, reader.retry_s or 0.0))
+            attempt += 1
 
     async def _send(self, call: Call) -> httpx.Response:
         attempt = 0

@@ -175,12 +175,15 @@ def test_exports_parse_mot_and_mp4(url: str, clips: dict[str, Path], tmp_path: P
     assert bad.status_code == 422
 
 
-def read_events(url: str, video_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
+def read_events(
+    url: str, video_id: str, last_event_id: str | None = None, query: str = ""
+) -> list[dict[str, Any]]:
     """Every event of the stream until it ends (the job has ended and all was sent)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     events: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
-    with httpx.stream("GET", f"{url}/v1/videos/{video_id}/events", headers=headers, timeout=120) as response:
+    stream_url = f"{url}/v1/videos/{video_id}/events{query}"
+    with httpx.stream("GET", stream_url, headers=headers, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -210,6 +213,14 @@ def test_the_live_stream_sends_every_frame_in_order_then_the_end(url: str, clips
     )
 
 
+def test_a_status_only_stream_reports_progress_without_masks(url: str, clips: dict[str, Path]) -> None:
+    created = upload(url, clips["mp4"], model="track", boxes=[BOX]).json()
+    events = read_events(url, created["id"], query="?frames=false")
+    assert events and {e["event"] for e in events} == {"status"}
+    progress = [json.loads(e["data"])["frames_done"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == FRAMES
+
+
 def test_a_correction_replaces_only_the_frames_from_k(url: str, clips: dict[str, Path]) -> None:
     status, before = track(url, clips["mp4"], model="track", boxes=[BOX])
     correction = {"frame": 12, "box": [50, 20, 90, 60], "label": "crate"}
@@ -236,6 +247,7 @@ def test_a_correction_replaces_only_the_frames_from_k(url: str, clips: dict[str,
         ({"frame": 2, "object_id": 9, "box": BOX}, "no object 9"),
         ({"frame": 2}, "'box' or as 'points'"),
         ({"frame": 2, "box": [10, 10, 5, 5]}, "box"),
+        ({"frame": 2, "box": [10, 10, 500, 50]}, "outside the clip's 96x64 frames"),
     ],
 )
 def test_bad_corrections_are_422s_naming_the_problem(
@@ -280,6 +292,7 @@ def test_a_zip_of_frames_is_a_clip(url: str, tmp_path: Path) -> None:
         (lambda c, t: c["mp4"], {"model": "nope", "prompt": "cat"}, 422, "unknown_model"),
         (lambda c, t: c["mp4"], {"model": "track", "boxes": [BOX], "frame": 30}, 422, "invalid_input"),
         (lambda c, t: c["mp4"], {"model": "track", "boxes": [BOX], "start": 40}, 422, "invalid_input"),
+        (lambda c, t: c["mp4"], {"model": "track", "points": [[200, 10, 1]]}, 422, "invalid_input"),
         (
             lambda c, t: c["mp4"],
             {"model": "track", "boxes": [BOX], "frame": 3, "stride": 2},

@@ -1,7 +1,8 @@
 """The playground page in headless Chromium, against `tunnelvision serve` with tiny random models
-(Grounded-SAM, SAM alone and OWLv2 alone): the pipeline picker and what each pipeline's abilities
-enable, text detection, click-to-segment whose later clicks reuse the cached image embedding, a
-dragged box, exemplars, mask opacity, and the JSON, COCO and PNG downloads."""
+(Grounded-SAM, SAM alone, OWLv2 alone and a SAM 2 video tracker): the pipeline picker and what each
+pipeline's abilities enable, text detection, click-to-segment whose later clicks reuse the cached
+image embedding, a dragged box, exemplars, mask opacity, the JSON, COCO and PNG downloads, and a
+clip tracked live whose overlay plays from the page with its objects listed."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pycocotools import mask as coco_mask
 
 from support import cli_server, image_bytes
 from tunnelvision.models.random_families import write_random_family
+from tunnelvision.video.synthetic import write_moving_square_clip
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 )
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 WIDTH, HEIGHT = 320, 240
-PIPELINES = ["grounded-sam", "sam", "owl"]
+PIPELINES = ["grounded-sam", "sam", "owl"]  # the image picker's; the video picker has "track"
 STEPS_WITHOUT_ENCODER = {"decode", "prepare", "queue", "device", "finish", "total"}
 
 
@@ -72,10 +74,21 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def url(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """grounded-sam (the default: text, boxes, points, masks), sam (boxes, points, masks) and owl
-    (text and exemplars, no masks): the picker has a choice, and each choice enables other tools."""
+    (text and exemplars, no masks): the picker has a choice, and each choice enables other tools;
+    track (a video tracker: boxes and points through clips) is the video picker's."""
     detector, segmenter = tiny_models
     owl = write_random_family(tmp_path_factory.mktemp("owl") / "owlv2", "owlv2", "tiny", seed=1)
-    pipelines = ["--pipeline", f"sam={segmenter}", "--pipeline", f"owl={owl}"]
+    tracker = write_random_family(
+        tmp_path_factory.mktemp("track") / "sam2-video", "sam2-video", "tiny", seed=1
+    )
+    pipelines = [
+        "--pipeline",
+        f"sam={segmenter}",
+        "--pipeline",
+        f"owl={owl}",
+        "--pipeline",
+        f"track={tracker}",
+    ]
     with cli_server(detector, segmenter, *pipelines, "--no-warmup") as (server_url, _):
         yield server_url
 
@@ -245,7 +258,7 @@ def test_the_picker_lists_the_pipelines_and_their_abilities_enable_the_tools(
     open_page(driver, url, picture)
     served = [p["name"] for p in httpx.get(f"{url}/v1/models", timeout=10).json()["pipelines"]]
     options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
-    assert options == served == PIPELINES
+    assert served == [*PIPELINES, "track"] and options == PIPELINES  # images: no video-only pipeline
     assert driver.find_element(By.ID, "model").get_attribute("value") == "grounded-sam"  # the default
 
     def enabled() -> set[str]:
@@ -417,6 +430,68 @@ def test_text_segment_annotate_and_the_key_kept_for_the_tab(browser: Any, url: s
     time.sleep(0.2)
     assert driver.find_element(By.ID, "key").get_attribute("value") == "tv_kept_for_the_tab"
     assert csp_violations(driver) == []  # its script, style, fetch, blob: and data: images
+
+
+CLIP_FRAMES, CLIP_WIDTH, CLIP_HEIGHT = 12, 96, 64
+
+
+def test_a_clip_tracked_live_its_overlay_played_and_its_objects_listed(
+    browser: Any, url: str, tmp_path: Path
+) -> None:
+    import av
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    clip = tmp_path / "square.mp4"
+    write_moving_square_clip(clip, CLIP_FRAMES, CLIP_WIDTH, CLIP_HEIGHT, fps=10)
+    csp_violations(driver)  # start from an empty log
+    driver.get(url + "/")
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videoModel option"))
+    options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#videoModel option")]
+    assert options == ["track"]
+    assert not driver.find_element(By.ID, "videoPrompt").is_enabled()  # sam2-video takes no text
+    assert driver.find_element(By.ID, "videoBoxes").is_enabled()
+    assert not driver.find_element(By.ID, "track").is_enabled()  # no clip yet
+
+    driver.execute_script("document.getElementById('videoFile').hidden = false")
+    driver.find_element(By.ID, "videoFile").send_keys(str(clip))
+    driver.find_element(By.ID, "videoBoxes").send_keys("[[0, 20, 20, 40]]")
+    driver.find_element(By.ID, "track").click()
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_element(By.ID, "videoStatus").get_attribute("data-finished") == "1"
+    )
+    status = driver.find_element(By.ID, "videoStatus").text
+    assert status == f"done: {CLIP_FRAMES} frame(s), 1 object(s) · {CLIP_FRAMES} frame event(s) received live"
+    assert driver.execute_script("return document.getElementById('videoProgress').value") == 1
+    rows = [
+        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in driver.find_elements(By.CSS_SELECTOR, "#objects tbody tr")
+    ]
+    assert rows == [["1", "object", "0", str(CLIP_FRAMES - 1), str(CLIP_FRAMES)]]
+
+    # The overlay plays in the page, from a blob: URL (the request for it carried the key).
+    source = driver.execute_script("return document.getElementById('overlay').src")
+    assert source.startswith("blob:")
+    WebDriverWait(driver, 15).until(
+        lambda d: d.execute_script(
+            "const v = document.getElementById('overlay'); return v.readyState >= 2 || v.error"
+        )
+    )
+    size = driver.execute_script(
+        "const v = document.getElementById('overlay'); return [v.videoWidth, v.videoHeight]"
+    )
+    assert size == [CLIP_WIDTH, CLIP_HEIGHT]
+    assert driver.execute_script("return document.getElementById('overlay').duration") == pytest.approx(
+        1.2, abs=0.15
+    )
+
+    saved = download(driver, "saveMp4", tmp_path, "square.overlay.mp4")
+    with av.open(str(saved), "r") as container:
+        assert len(list(container.decode(video=0))) == CLIP_FRAMES
+    result = json.loads(download(driver, "saveVideoJson", tmp_path, "square.video.json").read_text())
+    assert [f["frame"] for f in result["frames"]] == list(range(CLIP_FRAMES))
+    assert csp_violations(driver) == []  # the event stream by fetch, the blob: video
 
 
 # ReDoc always renders Redocly's logo from its CDN; the policy refuses it and ReDoc hides the image.

@@ -3,6 +3,7 @@ ingress sends the hostname to an API on another machine (`tunnel config --origin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def test_the_ray_check_uses_the_key_given_to_doctor(monkeypatch: pytest.MonkeyPa
         anonymous = {c.name: c for c in run_checks(DoctorOptions(port=fake.port, service_env=None))}
     assert keyed["ray"].ok is True and "2 replica(s) alive" in keyed["ray"].detail
     assert anonymous["ray"].ok is None and "--key" in anonymous["ray"].detail
+
+
+def test_the_command_line_passes_its_key_to_the_probes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tunnelvision.cli import main
+
+    monkeypatch.delenv("TUNNELVISION_API_KEY", raising=False)
+    with FakeReadyz({"status": "ready"}, {**READY, "ray": RAY_UP}) as fake:
+        main(["doctor", "--port", str(fake.port), "--key", KEY, "--json", "--data-dir", str(tmp_path)])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["ray"]["ok"] is True, checks["ray"]
 
 
 def test_not_ready_says_the_full_reason_to_a_key_holder() -> None:

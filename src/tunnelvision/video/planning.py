@@ -75,10 +75,26 @@ def closest(frames: range, frame: int) -> int:
     return frames[min(max(position, 0), len(frames) - 1)]
 
 
-def first_passes(params: VideoParams, frames: range, labels: Sequence[str]) -> list[Pass]:
+def check_inside(
+    boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]], size: tuple[int, int]
+) -> None:
+    """Boxes and points must lie on the clip's frames (width, height)."""
+    width, height = size
+    for i, (_, _, x2, y2) in enumerate(boxes):
+        if x2 > width or y2 > height:
+            raise InvalidInput(f"box {i} reaches outside the clip's {width}x{height} frames")
+    for i, (x, y, *_) in enumerate(points):
+        if x > width or y > height:
+            raise InvalidInput(f"point {i} lies outside the clip's {width}x{height} frames")
+
+
+def first_passes(
+    params: VideoParams, frames: range, labels: Sequence[str], size: tuple[int, int]
+) -> list[Pass]:
     """Forward from the prompt's frame to the end; and back to `start` when the prompt is later."""
     frame = frames.start if params.frame is None else params.frame
     check_on_grid(frames, frame, "the prompt's 'frame'")
+    check_inside(params.boxes or [], params.points or [], size)
     prompts = {"objects": initial_objects(params, labels)}
     passes: list[Pass] = [(range(frame, frames.stop, frames.step), prompts)]
     if frame > frames.start:
@@ -99,9 +115,10 @@ def initial_objects(params: VideoParams, labels: Sequence[str]) -> list[dict[str
 
 
 def correction_passes(
-    correction: VideoCorrection, frames: range, next_id: int, labels: dict[int, str]
+    correction: VideoCorrection, frames: range, next_id: int, labels: dict[int, str], size: tuple[int, int]
 ) -> list[Pass]:
     check_on_grid(frames, correction.frame, "the correction's 'frame'")
+    check_inside([correction.box] if correction.box else [], correction.points or [], size)
     object_id = correction.object_id if correction.object_id is not None else next_id
     if correction.object_id is not None and correction.object_id not in labels:
         raise InvalidInput(f"no object {correction.object_id} in this job; leave 'object_id' out to add one")

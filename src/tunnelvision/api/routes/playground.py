@@ -37,10 +37,11 @@ DOCS_ASSETS = {
 ASSET_CACHE_CONTROL = "public, max-age=31536000, immutable"
 CLOSING = "base-uri 'none'; frame-ancestors 'none'"
 
-# `{scripts}` / `{styles}` become the hashes of the page's own inline elements.
+# `{scripts}` / `{styles}` become the hashes of the page's own inline elements. media-src: the
+# video overlay plays from a blob: URL (fetched with the key, which a <video src> cannot send).
 PLAYGROUND_CSP = (
     "default-src 'none'; script-src {scripts}; style-src {styles}; "
-    "img-src 'self' blob: data:; connect-src 'self'; form-action 'none'; " + CLOSING
+    "img-src 'self' blob: data:; media-src blob:; connect-src 'self'; form-action 'none'; " + CLOSING
 )
 # Swagger UI sets inline styles from its scripts, so styles need 'unsafe-inline' (a hash would
 # switch it off); scripts are its bundle from here plus the page's one inline start-up script.

@@ -47,6 +47,7 @@ router = APIRouter(prefix="/v1/videos", tags=["videos"], dependencies=DOCUMENTED
 CLIP_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".zip")
 COPY_BLOCK = 1024 * 1024
 EVENT_BATCH = 64  # committed frames read per store query while a stream catches up
+NO_FRAMES = -1  # a stream of `status` events only
 VIDEO_ERRORS = error_responses(404)
 
 
@@ -80,7 +81,7 @@ async def create_video(
     try:
         info = await run_in_threadpool(probe, clip, video_limits(settings))
         frames = tracked_frames(params, info.frames)
-        passes = first_passes(params, frames, params.phrases)
+        passes = first_passes(params, frames, params.phrases, (info.width, info.height))
         options = job_options(params, pipeline.name, len(passes))
         wire_info = {"width": info.width, "height": info.height, "frames": info.frames, "fps": info.fps}
         quotas = (settings.jobs_quota_bytes, settings.jobs_owner_quota_bytes)
@@ -234,9 +235,10 @@ async def video_events(
     settings: SettingsDep,
     owner: OwnerDep,
     last_event_id: str | None = Header(None, description="resume after this event id (set by EventSource)"),
+    frames: bool = Query(True, description="false: `status` events only (progress, without the masks)"),
 ) -> StreamingResponse:
     video = await _video(state.videos, video_id, owner)
-    after = parse_event_id(last_event_id)
+    after = parse_event_id(last_event_id) if frames else NO_FRAMES
     stream = event_stream(state, video.id, after, settings.video_keepalive_s, request)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
@@ -260,7 +262,9 @@ async def event_stream(
     yield "retry: 2000\n\n"
     last_status = None
     while not await request.is_disconnected():
-        frames = await run_in_threadpool(store.frames, video_id, after, EVENT_BATCH)
+        frames = (
+            [] if after == NO_FRAMES else await run_in_threadpool(store.frames, video_id, after, EVENT_BATCH)
+        )
         for frame in frames:
             after = frame.revision
             data = json.dumps({"frame": frame.frame, "objects": frame.objects}, separators=(",", ":"))
@@ -296,7 +300,8 @@ async def correct_video(
     pipeline = video_pipeline_for(engine.info.pipelines, video.options["track"]["pipeline"])
     check_abilities(pipeline, False, correction.box is not None, bool(correction.points))
     frames = range(*first_range(video))
-    passes = correction_passes(correction, frames, video.next_id, video.labels)
+    size = (video.info["width"], video.info["height"])
+    passes = correction_passes(correction, frames, video.next_id, video.labels, size)
     if not await run_in_threadpool(state.videos.add_passes, video.id, passes):
         raise NotFound(f"no video '{video_id}'")
     state.video_runner.wake.set()
