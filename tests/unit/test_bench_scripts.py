@@ -28,6 +28,35 @@ def test_gpu_benchmark_runs_in_smoke_mode() -> None:
     assert len(measured) == 8 and "device: cpu" in result.stdout
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="the SAM 2/3 video processors need torchvision"
+)
+def test_video_benchmark_runs_in_smoke_mode() -> None:
+    """Every tracker family, the memory and the latency tables, on tiny models (about 30 s on 2 cores)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "video.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()]
+    families = [row for row in rows if row and row[-1].endswith("x")]
+    assert [row[0] for row in families] == [
+        "sam2-video",
+        "sam3-tracker-video",
+        "sam3-video",
+        "grounding-dino + sam2-video",
+    ], result.stdout
+    assert all(row[3] == "4" and float(row[5]) > 0 for row in families), result.stdout  # frames, frames/s
+    memory = [row for row in rows if row and row[0] in ("8", "16")]
+    assert [row[0] for row in memory] == ["8", "16"], result.stdout  # every frame of each clip tracked
+    latency = [row for row in rows if row and row[0] in ("none", "running")]
+    assert [row[:2] for row in latency] == [["none", "-"], ["running", "2"]], result.stdout
+    assert latency[1][2] != "-" and "device: cpu" in result.stdout  # chunks ran during the requests
+
+
 def test_load_generator_refuses_other_hosts() -> None:
     sys.path.insert(0, str(ROOT))
     from bench.loadgen import require_loopback
