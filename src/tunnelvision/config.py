@@ -73,7 +73,10 @@ class Settings(BaseSettings):
     attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel where the model has it (SAM: sdpa; GroundingDINO: eager)"
     )
-    compile: bool = Field(False, description="torch.compile SAM's image encoder (slow first pass, GPU)")
+    compile: bool = Field(
+        False,
+        description="torch.compile SAM's image encoder (GPU; recompiles per batch size: use with --max-batch 1)",
+    )
     host: str = Field("127.0.0.1", description="bind address (cloudflared connects over loopback)")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     keep_alive_s: int = Field(

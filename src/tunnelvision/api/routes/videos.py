@@ -49,6 +49,7 @@ COPY_BLOCK = 1024 * 1024
 EVENT_BATCH = 64  # committed frames read per store query while a stream catches up
 NO_FRAMES = -1  # a stream of `status` events only
 VIDEO_ERRORS = error_responses(404)
+READ_ERRORS = error_responses(404, 422)  # a bad `format` or Last-Event-ID
 
 
 @router.post(
@@ -129,7 +130,9 @@ def job_options(params: VideoParams, pipeline: str, initial_passes: int) -> dict
     return {"track": track, "frames": frames, "initial_passes": initial_passes}
 
 
-@router.get("", response_model=VideoList, summary="Your video jobs, newest first")
+@router.get(
+    "", response_model=VideoList, responses=error_responses(422), summary="Your video jobs, newest first"
+)
 async def list_videos(
     state: StateDep, owner: OwnerDep, limit: int = Query(20, ge=1, le=100, description="jobs listed")
 ) -> VideoList:
@@ -145,7 +148,7 @@ async def video_status(video_id: str, state: StateDep, owner: OwnerDep) -> Video
 @router.get(
     "/{video_id}/result",
     responses={
-        **VIDEO_ERRORS,
+        **READ_ERRORS,
         200: {
             "model": VideoResult,
             "content": {
@@ -289,7 +292,7 @@ async def event_stream(
     "/{video_id}/prompts",
     status_code=202,
     response_model=VideoStatus,
-    responses=error_responses(404, 422),
+    responses=error_responses(400, 404, 422),  # 400: a body that is not JSON
     summary="Correct: add or fix one object on a frame; frames from there are tracked again",
 )
 async def correct_video(
