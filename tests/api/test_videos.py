@@ -401,3 +401,24 @@ ONE_BOX = {"boxes": "[[8, 8, 40, 40]]"}
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_videos_and_image_jobs_share_one_quota(
+    tiny_models: tuple[Path, Path], video_models: dict[str, Path], clips: dict[str, Path]
+) -> None:
+    """A clip is kept (for corrections and the overlay) until its job is deleted or expires, and
+    counts against the jobs quota meanwhile: an image job that would not fit beside it is a 507."""
+    clip_bytes = clips["mp4"].stat().st_size
+    room = clip_bytes * 3 // 2  # one clip, not two
+    flags = [*pipeline_flags(video_models)[:2], "--no-warmup", "--jobs-quota-bytes", str(room)]
+    with cli_server(*tiny_models, *flags) as (url, _):
+        created = upload(url, clips["mp4"], model="track", boxes=[BOX])
+        assert created.status_code == 202, created.text
+        photo = image_bytes(160, 120, seed=3)
+        assert clip_bytes + len(photo) > room
+        images = [("images", ("photo.png", photo, "image/png"))]
+        job = httpx.post(f"{url}/v1/jobs", files=images, data={"prompt": "cat"}, timeout=60)
+        assert job.status_code == 507 and job.json()["error"]["code"] == "quota_exceeded", job.text
+        assert upload(url, clips["mp4"], model="track", boxes=[BOX]).status_code == 507
+        assert httpx.delete(f"{url}/v1/videos/{created.json()['id']}").status_code == 204
+        assert upload(url, clips["mp4"], model="track", boxes=[BOX]).status_code == 202  # room again
