@@ -395,3 +395,20 @@ def keyed_cli_server(
     key = KeyStore(keys).add(key_name, ["predict"])
     with cli_server(*models, "--no-warmup", "--keys-file", str(keys), *extra) as (url, _):
         yield url, key
+
+
+@contextmanager
+def video_cli_server(
+    models: tuple[Path, Path], folder: Path, *scopes: list[str]
+) -> Iterator[tuple[str, list[str]]]:
+    """`cli_server` with a `track` pipeline (a tiny random sam2-video checkpoint) and a keys file
+    holding one key per `scopes` list: (url, keys in that order)."""
+    from tunnelvision.models.random_families import write_random_family
+    from tunnelvision.security.keys import KeyStore
+
+    tracker = write_random_family(folder / "sam2-video", "sam2-video", "tiny", seed=1)
+    store = KeyStore(folder / "keys.json")
+    keys = [store.add(f"key{i}", list(key_scopes)) for i, key_scopes in enumerate(scopes)]
+    flags = ("--no-warmup", "--keys-file", str(store.path), "--pipeline", f"track={tracker}")
+    with cli_server(*models, *flags) as (url, _):
+        yield url, keys

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False,
-        description="torch.compile SAM's image encoder (GPU; recompiles per batch size: use with --max-batch 1)",
+        description="torch.compile SAM's image encoder (GPU; recompiles per batch size: "
+        "use with --max-batch 1)",
     )
     host: str = Field("127.0.0.1", description="bind address (cloudflared connects over loopback)")
     port: int = Field(8000, ge=1, le=65535, description="bind port")

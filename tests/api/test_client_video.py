@@ -15,10 +15,8 @@ import av
 import httpx
 import pytest
 
-from support import cli_server
+from support import video_cli_server
 from tunnelvision.client import AsyncClient, Client, EventReader, InvalidRequest
-from tunnelvision.models.random_families import write_random_family
-from tunnelvision.security.keys import KeyStore
 from tunnelvision.video.synthetic import write_moving_square_clip
 
 FRAMES, WIDTH, HEIGHT = 12, 96, 64
@@ -30,12 +28,8 @@ def server(
     tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str, str]]:
     """(url, alice's key, bob's key), a `track` pipeline of a tiny random sam2-video checkpoint."""
-    folder = tmp_path_factory.mktemp("video")
-    tracker = write_random_family(folder / "sam2-video", "sam2-video", "tiny", seed=1)
-    keys = KeyStore(folder / "keys.json")
-    alice, bob = keys.add("alice", ["predict", "jobs"]), keys.add("bob", ["predict", "jobs"])
-    flags = ("--no-warmup", "--keys-file", str(keys.path), "--pipeline", f"track={tracker}")
-    with cli_server(*tiny_models, *flags) as (url, _):
+    both = ["predict", "jobs"]
+    with video_cli_server(tiny_models, tmp_path_factory.mktemp("video"), both, both) as (url, (alice, bob)):
         yield url, alice, bob
 
 

@@ -16,9 +16,7 @@ import av
 import httpx
 import pytest
 
-from support import cli_server, image_bytes
-from tunnelvision.models.random_families import write_random_family
-from tunnelvision.security.keys import KeyStore
+from support import image_bytes, video_cli_server
 from tunnelvision.video.synthetic import write_moving_square_clip
 
 FRAMES, WIDTH, HEIGHT = 10, 96, 64
@@ -31,11 +29,10 @@ def server(
 ) -> Iterator[tuple[str, str, str]]:
     """(url, a key that may run jobs, a key that may not)."""
     folder = tmp_path_factory.mktemp("video")
-    tracker = write_random_family(folder / "sam2-video", "sam2-video", "tiny", seed=1)
-    keys = KeyStore(folder / "keys.json")
-    jobs, images_only = keys.add("jobs", ["predict", "jobs"]), keys.add("images", ["predict"])
-    flags = ("--no-warmup", "--keys-file", str(keys.path), "--pipeline", f"track={tracker}")
-    with cli_server(*tiny_models, *flags) as (url, _):
+    with video_cli_server(tiny_models, folder, ["predict", "jobs"], ["predict"]) as (
+        url,
+        (jobs, images_only),
+    ):
         yield url, jobs, images_only
 
 

@@ -90,7 +90,7 @@ def test_delete_frees_the_device_within_one_chunk(
         ran_at_delete = stats(url).get("executed", 0)
         time.sleep(2.0)  # many chunks' time on this clip
         assert stats(url).get("executed", 0) - ran_at_delete <= 1  # at most the chunk already running
-        assert not (tmp_path / "jobs" / "videos" / video_id).exists()
+        assert not (tmp_path / "videos" / video_id).exists()
 
 
 def test_an_image_request_waits_for_one_chunk_not_for_the_clip(

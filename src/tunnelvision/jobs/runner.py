@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tunnelvision.engine.engine import Engine
@@ -45,21 +45,7 @@ class JobRunner:
         self._next_sweep = 0.0
 
     async def run_forever(self) -> None:
-        """One step at a time; the loop outlives database and disk errors (and bugs), backing off."""
-        failures = 0
-        while True:
-            try:
-                await self._step()
-                failures = 0
-                continue
-            except (sqlite3.Error, OSError) as exc:  # one line: it may repeat for a while
-                failures += 1
-                error = f"{type(exc).__name__}: {exc}"
-                log.error("job store failed (%s); retrying in %.1f s", error, backoff_s(failures))
-            except Exception:
-                failures += 1
-                log.exception("job runner step failed; retrying in %.1f s", backoff_s(failures))
-            await asyncio.sleep(backoff_s(failures))
+        await keep_stepping(self._step, "job")
 
     async def _step(self) -> None:
         await self._sweep_if_due()
@@ -140,6 +126,25 @@ class JobRunner:
         job = await asyncio.to_thread(self.store.get, item.job_id)
         if job is not None and job.status not in ACTIVE:
             await asyncio.to_thread(self.store.delete_files, item.job_id)  # uploads no longer needed
+
+
+async def keep_stepping(step: Callable[[], Awaitable[None]], what: str) -> None:
+    """`step` forever, one at a time; the loop outlives database and disk errors (and bugs),
+    backing off. `what` names the runner in the log."""
+    failures = 0
+    while True:
+        try:
+            await step()
+            failures = 0
+            continue
+        except (sqlite3.Error, OSError) as exc:  # one line: it may repeat for a while
+            failures += 1
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("%s store failed (%s); retrying in %.1f s", what, error, backoff_s(failures))
+        except Exception:
+            failures += 1
+            log.exception("%s runner step failed; retrying in %.1f s", what, backoff_s(failures))
+        await asyncio.sleep(backoff_s(failures))
 
 
 def backoff_s(failures: int) -> float:

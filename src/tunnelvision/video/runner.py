@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from tunnelvision.engine.video import (
     UserPrompt,
 )
 from tunnelvision.errors import Retryable, TunnelvisionError
+from tunnelvision.jobs.runner import keep_stepping
 from tunnelvision.masks import decode_rle, encode_rle
 from tunnelvision.schemas import RLE
 from tunnelvision.video.decode import VideoLimits
@@ -82,19 +82,7 @@ class VideoRunner:
         self._next_sweep = 0.0
 
     async def run_forever(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._step()
-                failures = 0
-                continue
-            except (sqlite3.Error, OSError) as exc:
-                failures += 1
-                log.error("video store failed (%s: %s); retrying", type(exc).__name__, exc)
-            except Exception:
-                failures += 1
-                log.exception("video runner step failed; retrying")
-            await asyncio.sleep(min(60.0, 0.5 * 2**failures))
+        await keep_stepping(self._step, "video")
 
     def close(self) -> None:
         for working in self._working.values():

@@ -82,7 +82,7 @@ class CommittedFrame:
 class VideoStore:
     def __init__(self, jobs: JobStore) -> None:
         self.jobs = jobs
-        self.folder = jobs.folder / "videos"
+        self.folder = jobs.folder.parent / "videos"  # beside the jobs folder: DATA_DIR/videos/ID/
         self.folder.mkdir(parents=True, exist_ok=True)
 
     # -- writing -------------------------------------------------------------------------------
