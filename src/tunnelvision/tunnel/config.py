@@ -160,8 +160,9 @@ def render_config(config: dict[str, Any]) -> str:
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
-def ingress_problems(config: Any, port: int) -> list[str]:
-    """What is wrong with a config.yml for serving tunnelvision on `port` (empty: sound)."""
+def ingress_problems(config: Any, port: int, remote_ok: bool = False) -> list[str]:
+    """What is wrong with a config.yml for serving tunnelvision on `port` (empty: sound).
+    `remote_ok`: a rule to an API on another machine (`--origin URL`) routes to the API too."""
     if not isinstance(config, dict):
         return ["not a YAML mapping"]
     rules = config.get("ingress")
@@ -173,12 +174,24 @@ def ingress_problems(config: Any, port: int) -> list[str]:
             "the last ingress rule must be a catch-all without hostname, e.g. '- service: http_status:404'"
         )
     services = [str(r.get("service", "")) for r in rules if isinstance(r, dict)]
-    if not any(_points_at_port(service, port) for service in services):
+    routed = remote_ok and any(is_remote_origin(service) for service in services)
+    if not routed and not any(_points_at_port(service, port) for service in services):
         problems.append(
             f"no ingress rule sends traffic to http://127.0.0.1:{port} (services: "
             f"{', '.join(services) or 'none'})"
         )
     return problems
+
+
+def is_remote_origin(service: str) -> bool:
+    """An http(s)://HOST:PORT service on another machine (what `--origin URL` writes)."""
+    parts = urlsplit(service)
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    has_origin = parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None
+    return has_origin and not origin_is_local(service)
 
 
 def _points_at_port(service: str, port: int) -> bool:

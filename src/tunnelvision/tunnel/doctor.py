@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import yaml
@@ -19,7 +18,7 @@ import yaml
 from tunnelvision.config import CLOUDFLARED_KEEPALIVE_S, Settings
 from tunnelvision.exposure import auth_configured, is_loopback
 from tunnelvision.security.keys import KeyStore
-from tunnelvision.tunnel.config import ingress_problems, origin_is_local
+from tunnelvision.tunnel.config import ingress_problems, is_remote_origin
 from tunnelvision.tunnel.quick import INSTALL_HINT
 from tunnelvision.tunnel.systemd import ENV_FILE
 from tunnelvision.tunnel.up import UpState, pid_alive
@@ -462,27 +461,14 @@ def check_config(path: Path | None, port: int) -> Check:
 def config_problems(config: Any, port: int) -> tuple[list[str], list[str]]:
     """(problems, remote origins): `ingress_problems`, where a rule to an API on another machine
     (`tunnel config --origin URL`) counts as routing to the API, as a rule to this port does."""
-    problems = ingress_problems(config, port)
-    remote = remote_origins(config)
-    if remote:
-        problems = [p for p in problems if not p.startswith("no ingress rule sends traffic to")]
-    return problems, remote
+    return ingress_problems(config, port, remote_ok=True), remote_origins(config)
 
 
 def remote_origins(config: Any) -> list[str]:
     """The ingress services that are an http(s)://HOST:PORT origin on another machine."""
     rules = config.get("ingress") if isinstance(config, dict) else None
     services = [str(r.get("service", "")) for r in rules or [] if isinstance(r, dict)]
-    return [s for s in services if _is_origin(s) and not origin_is_local(s)]
-
-
-def _is_origin(service: str) -> bool:
-    parts = urlsplit(service)
-    try:
-        port = parts.port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None
+    return [s for s in services if is_remote_origin(s)]
 
 
 # -- the public URL --------------------------------------------------------------------------
