@@ -258,6 +258,16 @@ def test_bad_corrections_are_422s_naming_the_problem(
     assert answer.status_code == 422 and message in answer.json()["error"]["message"]
 
 
+def test_corrections_wait_in_a_bounded_line(url: str, clips: dict[str, Path]) -> None:
+    created = upload(url, clips["mp4"], model="track", boxes=[BOX]).json()
+    both = {"frame": 4, "box": BOX, "direction": "both"}  # two passes each
+    answers = [httpx.post(f"{url}/v1/videos/{created['id']}/prompts", json=both) for _ in range(12)]
+    refused = [a for a in answers if a.status_code == 422]
+    assert refused and "still waiting" in refused[0].json()["error"]["message"]
+    assert all(a.status_code in (202, 422) for a in answers)
+    finished(url, created["id"])  # and the accepted ones all ran
+
+
 def test_delete_cancels_and_forgets(url: str, clips: dict[str, Path]) -> None:
     created = upload(url, clips["mp4"], model="track", boxes=[BOX]).json()
     assert httpx.delete(f"{url}/v1/videos/{created['id']}").status_code == 204

@@ -48,6 +48,7 @@ CLIP_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".zip")
 COPY_BLOCK = 1024 * 1024
 EVENT_BATCH = 64  # committed frames read per store query while a stream catches up
 NO_FRAMES = -1  # a stream of `status` events only
+MAX_PENDING_PASSES = 16  # corrections queue passes over the clip; more must wait for these
 VIDEO_ERRORS = error_responses(404)
 READ_ERRORS = error_responses(404, 422)  # a bad `format` or Last-Event-ID
 
@@ -302,6 +303,7 @@ async def correct_video(
     engine = state.ready_engine()
     pipeline = video_pipeline_for(engine.info.pipelines, video.options["track"]["pipeline"])
     check_abilities(pipeline, False, correction.box is not None, bool(correction.points))
+    await _check_room_for_corrections(state.videos, video.id)
     frames = range(*first_range(video))
     size = (video.info["width"], video.info["height"])
     passes = correction_passes(correction, frames, video.next_id, video.labels, size)
@@ -310,6 +312,15 @@ async def correct_video(
     state.video_runner.wake.set()
     status = await _status(state.videos, await _video(state.videos, video_id, owner))
     return JSONResponse(status.model_dump(), status_code=202)
+
+
+async def _check_room_for_corrections(store: VideoStore, video_id: str) -> None:
+    """Each correction queues passes over the clip: a bounded number may wait at once."""
+    pending = [p for p in await run_in_threadpool(store.passes, video_id) if p.status == "pending"]
+    if len(pending) >= MAX_PENDING_PASSES:
+        raise InvalidInput(
+            f"{len(pending)} passes of this video are still waiting; send more corrections once they have run"
+        )
 
 
 def first_range(video: VideoRow) -> tuple[int, int, int]:
