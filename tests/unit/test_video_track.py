@@ -107,3 +107,11 @@ def test_box_prompts_on_a_text_tracker_are_refused() -> None:
     chunk = Chunk(frames(0), {0: [UserPrompt(1, "box", (1, 1, 5, 5))]}, seed=Seed([]))
     with pytest.raises(UnsupportedPrompt):
         Track(TrackOptions("text", ("cat",))).run(chunk, Backend(tracker), 0)  # type: ignore[arg-type]
+
+
+def test_only_a_backend_holding_the_tracker_serves_video() -> None:
+    from tunnelvision.engine.video import serves_video
+
+    assert serves_video(Backend(ScriptedTextTracker()), "text")  # type: ignore[arg-type]
+    assert not serves_video(Backend(ScriptedTextTracker()), "other")  # type: ignore[arg-type]
+    assert not serves_video(object(), "text")  # type: ignore[arg-type]  # a Ray ingress's backend

@@ -263,6 +263,11 @@ class Track:
         return object_id
 
 
+def serves_video(backend: Backend, name: str) -> bool:
+    """Whether this backend holds pipeline `name`'s tracker itself (a Ray ingress's does not)."""
+    return isinstance(getattr(backend, "pipelines", {}).get(name), VideoPipeline)
+
+
 def video_pipeline(backend: Backend, name: str) -> VideoPipeline:
     pipeline = getattr(backend, "pipelines", {}).get(name)
     if not isinstance(pipeline, VideoPipeline):

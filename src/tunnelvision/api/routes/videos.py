@@ -23,7 +23,8 @@ from tunnelvision.api.deps import DOCUMENTED_AUTH, OwnerDep, SettingsDep, StateD
 from tunnelvision.api.openapi import error_responses, video_request_body
 from tunnelvision.api.parsing import MAX_FORM_FIELDS, form_fields, validate_params
 from tunnelvision.api.state import video_limits
-from tunnelvision.errors import InvalidInput, NotFound, QuotaExceeded
+from tunnelvision.engine.video import serves_video
+from tunnelvision.errors import InvalidInput, NotFound, QuotaExceeded, UnsupportedPrompt
 from tunnelvision.video import export
 from tunnelvision.video.decode import VideoLimits, probe
 from tunnelvision.video.planning import (
@@ -74,6 +75,10 @@ async def create_video(
         params = validate_params(VideoParams, fields)
         pipeline = video_pipeline_for(engine.info.pipelines, params.model)
         check_abilities(pipeline, bool(params.phrases), bool(params.boxes), bool(params.points))
+        if not serves_video(engine.backends[0], pipeline.name):
+            raise UnsupportedPrompt(
+                "video jobs do not run in Ray mode yet: serve video pipelines without --ray"
+            )
         room = await run_in_threadpool(
             state.jobs.room, owner, settings.jobs_quota_bytes, settings.jobs_owner_quota_bytes
         )
