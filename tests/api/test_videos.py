@@ -359,6 +359,13 @@ def write_bytes(folder: Path, data: bytes, name: str = "clip.mp4") -> Path:
     return path
 
 
+@pytest.mark.parametrize("fields", [{"boxes": "[[1, 1, 20, 20]]"}, {"prompt": "cat"}])
+def test_image_requests_to_a_video_pipeline_are_refused(url: str, fields: dict[str, str]) -> None:
+    files = {"image": ("photo.png", image_bytes(WIDTH, HEIGHT))}
+    answer = httpx.post(f"{url}/v1/segment", files=files, data={"model": "track", **fields})
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "unsupported_prompt"
+
+
 def test_the_video_field_must_be_a_file(url: str) -> None:
     answer = httpx.post(
         f"{url}/v1/videos", data={"video": "clip.mp4", "model": "track", "boxes": "[[1,1,5,5]]"}

@@ -48,15 +48,17 @@ class VideoPipeline:
     def prepare(
         self, image: RGBImage, params: DetectParams, image_id: str = "", check: Check = no_deadline
     ) -> Any:
-        raise UnsupportedPrompt(
-            f"model '{self.summary.name}' tracks objects through video: send clips to /v1/videos"
-        )
+        raise self._images_refused()
 
     def batch_key(self, prepared: Any, params: DetectParams) -> Hashable | None:
         return None
 
     def run_batch(self, items: list[tuple[Any, DetectParams]]) -> list[Any]:
-        return [self.prepare(np.zeros((1, 1, 3), np.uint8), params) for _, params in items]
+        return [self._images_refused() for _ in items]  # never reached: prepare refuses
+
+    def _images_refused(self) -> UnsupportedPrompt:
+        name = self.summary.name
+        return UnsupportedPrompt(f"model '{name}' tracks objects through video: send clips to /v1/videos")
 
     def finish(self, raw: Any, params: DetectParams, prepared: Any, check: Check) -> list[Detection]:
         return []
