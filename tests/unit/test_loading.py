@@ -59,7 +59,10 @@ def test_an_unknown_model_type_fails_at_start_naming_the_known_ones(tmp_path: Pa
     with pytest.raises(ModelUnavailable) as caught:
         build_backends(make_settings(pipeline=[f"chat={tmp_path}"], device="cpu"))
     message = caught.value.message
-    assert "'llama'" in message and "grounding-dino, mm-grounding-dino, owlv2, sam, sam2, sam3" in message
+    assert (
+        "'llama'" in message
+        and "grounding-dino, mm-grounding-dino, owlv2, sam, sam2, sam2_video, sam3" in message
+    )
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["X"]}))
     with pytest.raises(ModelUnavailable, match="names no model_type"):
         build_backends(make_settings(pipeline=[f"chat={tmp_path}"], device="cpu"))
