@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,6 +35,7 @@ from tunnelvision.engine.video import (
 )
 from tunnelvision.errors import Retryable, TunnelvisionError
 from tunnelvision.jobs.runner import keep_stepping
+from tunnelvision.jobs.store import ACTIVE
 from tunnelvision.masks import decode_rle, encode_rle
 from tunnelvision.schemas import RLE
 from tunnelvision.video.decode import VideoLimits
@@ -57,7 +58,6 @@ class Working:
     track: Track
     source: FrameSource
     failures: int = 0
-    resumed: bool = field(default=False)
 
 
 class VideoRunner:
@@ -94,7 +94,8 @@ class VideoRunner:
         await self._sweep_if_due()
         engine = self.engine()
         found = await asyncio.to_thread(self.store.next_active, self._last)
-        self._forget_gone()
+        for video_id in await asyncio.to_thread(self._gone, list(self._working)):
+            self._drop(video_id)
         if found is None or engine is None:
             await self._sleep(IDLE_POLL_S)
             return
@@ -114,12 +115,10 @@ class VideoRunner:
             for video_id in await asyncio.to_thread(self.store.expire, now - self.retention_s):
                 self._drop(video_id)
 
-    def _forget_gone(self) -> None:
-        """Close the sessions of videos deleted (or finished) since their last chunk."""
-        for video_id in list(self._working):
-            row = self.store.get(video_id)
-            if row is None or row.status not in ("queued", "running"):
-                self._drop(video_id)
+    def _gone(self, video_ids: list[str]) -> list[str]:
+        """Those of `video_ids` deleted (or ended) since their last chunk: their sessions go."""
+        rows = {video_id: self.store.get(video_id) for video_id in video_ids}
+        return [video_id for video_id, row in rows.items() if row is None or row.status not in ACTIVE]
 
     def _drop(self, video_id: str) -> None:
         working = self._working.pop(video_id, None)

@@ -156,10 +156,10 @@ class VideoStore:
         """One chunk's frames and the pass's new position, at once. The job is done when its last
         pass is. Nothing is written for a job cancelled meanwhile."""
         with self.jobs.transaction() as db:
-            row = db.execute("SELECT status FROM videos WHERE id = ?", (video_id,)).fetchone()
+            row = db.execute("SELECT status, revision FROM videos WHERE id = ?", (video_id,)).fetchone()
             if row is None or row[0] not in ACTIVE:
                 return []
-            (revision,) = db.execute("SELECT revision FROM videos WHERE id = ?", (video_id,)).fetchone()
+            revision = row[1]
             committed = []
             for offset, (frame, objects) in enumerate(frames, start=1):
                 db.execute(
