@@ -27,11 +27,16 @@ def square(x: int, y: int, side: int = 6) -> np.ndarray:
 class ScriptedSession:
     """Answers each push with the next scripted frame: {own id: mask}."""
 
-    def __init__(self, script: list[dict[int, np.ndarray]], pushed: list[Sequence[ObjectPrompt]]) -> None:
-        self.script, self.pushed = list(script), pushed
+    def __init__(
+        self, script: list[dict[int, np.ndarray]], pushed: list[Sequence[ObjectPrompt]], pixels: list[Any]
+    ) -> None:
+        self.script, self.pushed, self.pixels = list(script), pushed, pixels
 
-    def push(self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = ()) -> TrackedFrame:
+    def push(
+        self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = (), pixels: Any = None
+    ) -> TrackedFrame:
         self.pushed.append(prompts)
+        self.pixels.append(pixels)
         found = self.script.pop(0)
         masks = np.stack(list(found.values())) if found else np.zeros((0, H, W), bool)
         return TrackedFrame(list(found), [0.9] * len(found), masks, boxes_of(masks), [0] * len(found))
@@ -47,11 +52,15 @@ class ScriptedTextTracker:
 
     def __init__(self, *scripts: list[dict[int, np.ndarray]]) -> None:
         self.scripts, self.pushed = list(scripts), []  # type: ignore[var-annotated]
+        self.pixels: list[Any] = []  # what each push got as prepared pixels
         self.sessions = 0
 
     def start(self, height: int, width: int, phrases: Sequence[str] = ()) -> ScriptedSession:
         self.sessions += 1
-        return ScriptedSession(self.scripts.pop(0), self.pushed)
+        return ScriptedSession(self.scripts.pop(0), self.pushed, self.pixels)
+
+    def prepare(self, frame: np.ndarray) -> str:
+        return f"prepared {frame.shape}"
 
 
 class Backend:
@@ -115,3 +124,16 @@ def test_only_a_backend_holding_the_tracker_serves_video() -> None:
     assert serves_video(Backend(ScriptedTextTracker()), "text")  # type: ignore[arg-type]
     assert not serves_video(Backend(ScriptedTextTracker()), "other")  # type: ignore[arg-type]
     assert not serves_video(object(), "text")  # type: ignore[arg-type]  # a Ray ingress's backend
+
+
+def test_frames_prepared_on_the_cpu_reach_the_tracker_that_prepared_them() -> None:
+    from tunnelvision.engine.video import prepare_chunk
+
+    tracker = ScriptedTextTracker([{}, {}])
+    backend = Backend(tracker)
+    chunk = prepare_chunk(Chunk(frames(0, 1), seed=Seed([])), backend, "text")  # type: ignore[arg-type]
+    Track(TrackOptions("text", ("cat",))).run(chunk, backend, 0)  # type: ignore[arg-type]
+    assert tracker.pixels == [f"prepared {(H, W, 3)}"] * 2  # the device step did not prepare them
+    reloaded = Backend(ScriptedTextTracker([{}, {}]))  # another tracker since: it prepares its own
+    Track(TrackOptions("text", ("cat",))).run(chunk, reloaded, 0)  # type: ignore[arg-type]
+    assert reloaded.pipelines["text"].tracker.pixels == [None, None]  # type: ignore[attr-defined]

@@ -124,6 +124,9 @@ class Chunk:
     seed: Seed | None = None
     replay_first: bool = False
     step: int = 0  # how many frames of this pass came before the chunk (for keyframes)
+    # Each frame as the tracker prepares it (see `prepare_chunk`); used only by that tracker.
+    pixels: list[Any] | None = None
+    prepared_by: object = None
 
 
 class SessionLost(Exception):
@@ -156,7 +159,11 @@ class Track:
                 if chunk.seed is None:
                     raise SessionLost("the tracker session is on another device or was reloaded")
                 self._restart(pipeline, device, chunk)
-            results = [self._step(pipeline, chunk, index, frame) for index, frame in chunk.frames]
+            pixels = chunk.pixels if chunk.prepared_by is pipeline.tracker else None
+            results = [
+                self._step(pipeline, chunk, index, frame, None if pixels is None else pixels[row])
+                for row, (index, frame) in enumerate(chunk.frames)
+            ]
         return results[1:] if chunk.replay_first else results
 
     def _stale(self, pipeline: VideoPipeline, device: int) -> bool:
@@ -170,11 +177,13 @@ class Track:
         self.device, self.tracker, self.id_map = device, pipeline.tracker, {}
         self.last = list(chunk.seed.objects) if chunk.seed else []
 
-    def _step(self, pipeline: VideoPipeline, chunk: Chunk, index: int, frame: np.ndarray) -> FrameResult:
+    def _step(
+        self, pipeline: VideoPipeline, chunk: Chunk, index: int, frame: np.ndarray, pixels: Any
+    ) -> FrameResult:
         assert self.session is not None
         first = index == chunk.frames[0][0]
         prompts = self._prompts(pipeline, chunk, index, frame, first)
-        tracked = self.session.push(frame, prompts)
+        tracked = self.session.push(frame, prompts, pixels)
         objects = self._stable(tracked, seeded=first and chunk.seed is not None)
         self.last = objects
         return FrameResult(index, objects)
@@ -263,6 +272,17 @@ class Track:
         self.labels.setdefault(object_id, label)
         self.id_map[session_id] = object_id
         return object_id
+
+
+def prepare_chunk(chunk: Chunk, backend: Backend, name: str) -> Chunk:
+    """The CPU work of the chunk's frames (the tracker's resize and normalisation), done before
+    the device step so the device worker only tracks. A device step whose tracker is another
+    (a reload since) prepares the frames itself."""
+    if serves_video(backend, name):
+        tracker = video_pipeline(backend, name).tracker
+        chunk.pixels = [tracker.prepare(frame) for _, frame in chunk.frames]
+        chunk.prepared_by = tracker
+    return chunk
 
 
 def serves_video(backend: Backend, name: str) -> bool:

@@ -112,12 +112,18 @@ def check_frame(frame: np.ndarray, height: int, width: int) -> None:
         )
 
 
-def frame_pixels(processor: Any, frame: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(3, side, side) pixels of one frame, by the stock image processor."""
+def frame_pixels(processor: Any, frame: np.ndarray) -> torch.Tensor:
+    """(3, side, side) pixels of one frame, by the stock image processor, on the CPU."""
     pixels: torch.Tensor = processor(images=frame, return_tensors="pt", input_data_format="channels_last")[
         "pixel_values"
     ]
-    return pixels[0].to(device, dtype)
+    return pixels[0]
+
+
+def device_pixels(tracker: Any, frame: np.ndarray, pixels: torch.Tensor | None) -> torch.Tensor:
+    """The frame's pixels on the tracker's device: as prepared on the CPU, or prepared now."""
+    prepared = frame_pixels(tracker.processor, frame) if pixels is None else pixels
+    return prepared.to(tracker.device, tracker.dtype)
 
 
 class PromptTrackingSession:
@@ -128,12 +134,14 @@ class PromptTrackingSession:
         self.session: Any = start_streaming(tracker.processor, tracker.device, tracker.dtype)
         self.frame_idx = 0  # the next frame's index in this session
 
-    def push(self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = ()) -> TrackedFrame:
+    def push(
+        self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = (), pixels: torch.Tensor | None = None
+    ) -> TrackedFrame:
         check_frame(frame, self.height, self.width)
         for prompt in prompts:
             check_prompt(prompt, self.height, self.width)
         tracker, session = self.tracker, self.session
-        pixels = frame_pixels(tracker.processor, frame, tracker.device, tracker.dtype)
+        pixels = device_pixels(tracker, frame, pixels)
         with torch.inference_mode():
             for prompt in prompts:
                 self._add(prompt)
@@ -236,6 +244,9 @@ class PromptTracker(Family):
         self.processor = load_pretrained(self.processor_class.from_pretrained, source, "pipeline")
         model = load_model(self.model_class.from_pretrained, source, "pipeline", options.attention)
         self.model = to_device(model, device, dtype)
+
+    def prepare(self, frame: np.ndarray) -> torch.Tensor:
+        return frame_pixels(self.processor, frame)
 
     def start(self, height: int, width: int, phrases: Sequence[str] = ()) -> PromptTrackingSession:
         if phrases:

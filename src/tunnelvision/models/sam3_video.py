@@ -22,7 +22,13 @@ from tunnelvision.models.base import Family
 from tunnelvision.models.loading import LoadOptions, ModelSource, load_model, load_pretrained, to_device
 from tunnelvision.models.roles import Role
 from tunnelvision.models.sam2 import require_torchvision
-from tunnelvision.models.sam2_video import check_frame, frame_pixels, prune_tracker_state, start_streaming
+from tunnelvision.models.sam2_video import (
+    check_frame,
+    device_pixels,
+    frame_pixels,
+    prune_tracker_state,
+    start_streaming,
+)
 from tunnelvision.models.video_tracking import (
     VIDEO_TRACKER,
     ObjectPrompt,
@@ -48,7 +54,9 @@ class TextTrackingSession:
         # An object unseen this many frames is dropped (the model's longest keep-alive).
         self.forget_after = int(tracker.model.config.max_trk_keep_alive)
 
-    def push(self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = ()) -> TrackedFrame:
+    def push(
+        self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = (), pixels: torch.Tensor | None = None
+    ) -> TrackedFrame:
         if prompts:
             raise UnsupportedPrompt(
                 "sam3-video finds its objects from the phrases alone and takes no boxes, points or "
@@ -56,7 +64,7 @@ class TextTrackingSession:
             )
         check_frame(frame, self.height, self.width)
         tracker, session = self.tracker, self.session
-        pixels = frame_pixels(tracker.processor, frame, tracker.device, tracker.dtype)
+        pixels = device_pixels(tracker, frame, pixels)
         with torch.inference_mode():
             out = tracker.model(inference_session=session, frame_idx=self.frame_idx, frame=pixels)
             found = tracker.processor.postprocess_outputs(
@@ -165,6 +173,9 @@ class Sam3Video(Family):
         self.processor = load_pretrained(Sam3VideoProcessor.from_pretrained, source, "pipeline")
         model = load_model(Sam3VideoModel.from_pretrained, source, "pipeline", options.attention)
         self.model = to_device(model, device, dtype)
+
+    def prepare(self, frame: np.ndarray) -> torch.Tensor:
+        return frame_pixels(self.processor, frame)
 
     def start(self, height: int, width: int, phrases: Sequence[str] = ()) -> TextTrackingSession:
         if not [p for p in phrases if p.strip()]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -48,8 +48,11 @@ class TrackedFrame:
 
 
 class TrackingSession(Protocol):
-    def push(self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = ()) -> TrackedFrame:
+    def push(
+        self, frame: np.ndarray, prompts: Sequence[ObjectPrompt] = (), pixels: Any = None
+    ) -> TrackedFrame:
         """Track into the next frame ((height, width, 3) uint8 RGB), after adding `prompts` on it.
+        `pixels`: the frame as the tracker's `prepare` made it on the CPU (None: prepared here).
         Runs on the device worker; the state kept is bounded whatever the number of frames."""
         ...
 
@@ -66,6 +69,10 @@ class VideoTracker(Model, Protocol):
 
     def start(self, height: int, width: int, phrases: Sequence[str] = ()) -> TrackingSession:
         """A new session for frames of this size; `phrases` for text trackers (what to find)."""
+        ...
+
+    def prepare(self, frame: np.ndarray) -> Any:
+        """CPU work for one frame (resize, normalise), done before the device step."""
         ...
 
 

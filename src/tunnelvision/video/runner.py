@@ -32,6 +32,7 @@ from tunnelvision.engine.video import (
     TrackedObject,
     TrackOptions,
     UserPrompt,
+    prepare_chunk,
 )
 from tunnelvision.errors import Retryable, TunnelvisionError
 from tunnelvision.jobs.runner import keep_stepping
@@ -132,8 +133,7 @@ class VideoRunner:
         working = self._working_for(video, pass_row)
         indices = list(pass_row.remaining[: self.chunk_frames])
         try:
-            chunk = await asyncio.to_thread(self._read_chunk, working, video, pass_row, indices)
-            results = await self._track(engine, working, video, pass_row, chunk)
+            results = await self._track(engine, working, video, pass_row, indices)
         except Retryable as exc:
             log.info("video %s: %s; trying again", video.id, exc.message)
             await asyncio.sleep(exc.retry_after_s or RETRY_S)
@@ -167,16 +167,17 @@ class VideoRunner:
             self.events.publish_status(video.id)
 
     async def _track(
-        self, engine: Engine, working: Working, video: VideoRow, pass_row: PassRow, chunk: Chunk
+        self, engine: Engine, working: Working, video: VideoRow, pass_row: PassRow, indices: list[int]
     ) -> list[FrameResult]:
-        run = partial(working.track.run, chunk)
+        read = partial(self._prepared_chunk, engine, working, video, pass_row, indices)
+        chunk = await asyncio.to_thread(read)
         try:
-            return await engine.on_device(run, self.chunk_timeout_s, BACKGROUND, affinity=video.id)
+            return await engine.on_device(
+                partial(working.track.run, chunk), self.chunk_timeout_s, BACKGROUND, affinity=video.id
+            )
         except SessionLost:  # another device took the chunk: start again there from what is committed
             working.track.close()
-            chunk = await asyncio.to_thread(
-                self._read_chunk, working, video, pass_row, [f for f, _ in chunk.frames]
-            )
+            chunk = await asyncio.to_thread(read)  # without a session: seeded (a replay if resumed)
             return await engine.on_device(partial(working.track.run, chunk), self.chunk_timeout_s, BACKGROUND)
 
     async def _failed(self, video: VideoRow, working: Working, reason: str) -> None:
@@ -195,6 +196,13 @@ class VideoRunner:
         working = Working(pass_row.seq, track, FrameSource(video.file, self.limits))
         self._working[video.id] = working
         return working
+
+    def _prepared_chunk(
+        self, engine: Engine, working: Working, video: VideoRow, pass_row: PassRow, indices: list[int]
+    ) -> Chunk:
+        """The chunk read and its frames prepared for the tracker (CPU work, in a thread)."""
+        chunk = self._read_chunk(working, video, pass_row, indices)
+        return prepare_chunk(chunk, engine.backends[0], working.track.options.pipeline)
 
     def _read_chunk(self, working: Working, video: VideoRow, pass_row: PassRow, indices: list[int]) -> Chunk:
         """The chunk's frames; when no session runs yet, with what to start it from."""
